@@ -28,10 +28,22 @@ def _add_scenes(p: argparse.ArgumentParser) -> None:
                    help="store images resized to this shorter side (default: native size)")
     p.add_argument("--format", choices=["folder", "webdataset"], default="folder")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-format", choices=["png", "jpg"], default="png")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per tar or subfolder")
 
 
 def _run_scenes(args: argparse.Namespace) -> int:
-    raise NotImplementedError("scenes: owned by the scenes work")
+    from greedygrow.data.scenes import write_dataset
+
+    summary = write_dataset(
+        args.out, args.count, args.resolution, args.format, args.seed,
+        image_format=args.image_format, shard_size=args.shard_size, progress=True,
+    )
+    size = f"{args.resolution} px" if args.resolution else "native size"
+    print(f"wrote {summary['count']} scenes ({args.format}, {size}) to {args.out}")
+    for threshold, kept in summary["kept"].items():
+        print(f"  native >= {threshold:>4} px: kept {kept} ({100 * kept / summary['count']:.1f}%)")
+    return 0
 
 
 def _add_encode_text(p: argparse.ArgumentParser) -> None:
@@ -51,7 +63,10 @@ def _add_train_core(p: argparse.ArgumentParser) -> None:
 
 
 def _run_train_core(args: argparse.Namespace) -> int:
-    raise NotImplementedError("train-core: owned by the training work")
+    from greedygrow.train import train, train_core_config
+
+    return _refusing("train-core", lambda: train(
+        train_core_config(args.config, args.overrides), args.out))
 
 
 def _add_grow(p: argparse.ArgumentParser) -> None:
@@ -66,7 +81,27 @@ def _add_grow(p: argparse.ArgumentParser) -> None:
 
 
 def _run_grow(args: argparse.Namespace) -> int:
-    raise NotImplementedError("grow: owned by the training work")
+    from greedygrow.train import grow_config, train
+
+    return _refusing("grow", lambda: train(grow_config(
+        args.core, args.resolution, args.mode, args.freeze_steps, args.config, args.overrides),
+        args.out))
+
+
+def _refusing(command: str, work: Callable[[], object]) -> int:
+    """Run `work`; a bad config or a core that does not fit → message on stderr, status 2."""
+    import logging
+
+    from greedygrow.checkpoint import CheckpointMismatch
+    from greedygrow.config import ConfigError
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        work()
+    except (ConfigError, CheckpointMismatch, FileNotFoundError) as e:
+        print(f"greedygrow {command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _add_sample(p: argparse.ArgumentParser) -> None:
@@ -83,7 +118,12 @@ def _add_sample(p: argparse.ArgumentParser) -> None:
 
 
 def _run_sample(args: argparse.Namespace) -> int:
-    raise NotImplementedError("sample: owned by the training work")
+    from greedygrow.train import sample_run
+
+    return _refusing("sample", lambda: print(sample_run(
+        args.model, args.out, args.prompts, steps=args.steps, sampler=args.sampler,
+        guidance=args.guidance, seed=args.seed, per_prompt=args.per_prompt,
+        resolution=args.resolution, ema=not args.raw)))
 
 
 def _add_evaluate(p: argparse.ArgumentParser) -> None:
@@ -102,7 +142,9 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    raise NotImplementedError("demo: owned by the training work")
+    from greedygrow.train import demo
+
+    return _refusing("demo", lambda: demo(args.out, quick=args.quick))
 
 
 COMMANDS: dict[str, tuple[Callable, Callable, str]] = {

@@ -1,0 +1,443 @@
+"""Run folders: atomic writes, training states (resume), safetensors export and strict loading.
+
+Layout of a run folder (see CONTRACTS.md)::
+
+    RUN/state/step-XXXXXXXX.pt      training states, the last K kept (torch.save, weights_only)
+    RUN/model.safetensors + .json   exported EMA weights + meta (core/shell config, ...)
+    RUN/model-raw.safetensors+.json exported raw (non-EMA) weights + meta
+
+Nothing here is ever unpickled: states load with ``torch.load(weights_only=True)`` and
+weights with safetensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
+from torch import Tensor, nn
+
+from greedygrow.model import CoreConfig, ShellConfig, UViT
+
+log = logging.getLogger(__name__)
+
+STATE_DIR = "state"
+META_KEY = "greedygrow"  # safetensors header key holding the JSON meta
+FORMAT_VERSION = 1
+_STATE_RE = re.compile(r"^step-(\d+)\.pt$")
+_TMP_PREFIX = ".tmp-"
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint's tensors do not fit the module they are loaded into."""
+
+    def __init__(
+        self,
+        message: str,
+        missing: list[str] | None = None,
+        unexpected: list[str] | None = None,
+        mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.missing = missing or []
+        self.unexpected = unexpected or []
+        self.mismatched = mismatched or []  # (name, checkpoint shape, module shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# atomic writes
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename durable (POSIX); a no-op where directories cannot be opened (Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, write_fn: Callable[[IO[bytes]], Any]) -> Path:
+    """Write ``path`` all-or-nothing: ``write_fn(f)`` fills a temp file beside it, then rename.
+
+    The temp file lives in the same directory (so ``os.replace`` is atomic), is fsynced before
+    the rename and removed if ``write_fn`` raises. Readers see the old file or the new one,
+    never a half-written one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{_TMP_PREFIX}{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Atomically write ``data`` to ``path``."""
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Atomically write UTF-8 ``text`` to ``path``."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Atomically write ``obj`` as indented JSON; raises TypeError naming what is not JSON."""
+    try:
+        text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise TypeError(
+            f"cannot write {path} as JSON: {e}; pass plain str/int/float/bool/"
+            "list/dict values (e.g. config.to_dict())"
+        ) from e
+    return atomic_write_text(path, text + "\n")
+
+
+def _remove_stale_temps(directory: Path) -> None:
+    """Remove temp files left by a writer that was killed mid-write."""
+    for p in directory.glob(f"{_TMP_PREFIX}*"):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+
+
+# ---------------------------------------------------------------------------------------------
+# training states
+
+_LEAF_TYPES = (
+    Tensor,
+    int,
+    float,
+    bool,
+    str,
+    bytes,
+    complex,
+    type(None),
+    torch.dtype,
+    torch.device,
+    torch.Size,
+)
+
+
+def _check_loadable(obj: Any, where: str) -> None:
+    """Raise TypeError at save time for values ``torch.load(weights_only=True)`` cannot read."""
+    if isinstance(obj, _LEAF_TYPES):
+        return
+    if isinstance(obj, Mapping):
+        for k, v in obj.items():
+            if not isinstance(k, (str, int, float, bool, type(None))):
+                raise TypeError(
+                    f"state key {where}[{k!r}] has type {type(k).__name__}; use str or int keys"
+                )
+            _check_loadable(v, f"{where}[{k!r}]")
+        return
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        for i, v in enumerate(obj):
+            _check_loadable(v, f"{where}[{i}]")
+        return
+    raise TypeError(
+        f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}, which "
+        "torch.load(weights_only=True) cannot read back; store tensors, numbers, strings, "
+        "lists and dicts only (e.g. torch.as_tensor(x) for numpy arrays, cfg.to_dict() for configs)"
+    )
+
+
+def state_path(run_dir: str | os.PathLike, step: int) -> Path:
+    """``RUN/state/step-XXXXXXXX.pt`` for ``step``."""
+    return Path(run_dir) / STATE_DIR / f"step-{step:08d}.pt"
+
+
+def list_states(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """All saved training states of a run as (step, path), oldest first."""
+    directory = Path(run_dir) / STATE_DIR
+    if not directory.is_dir():
+        return []
+    found = []
+    for p in directory.iterdir():
+        m = _STATE_RE.match(p.name)
+        if m and p.is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def save_state(run_dir: str | os.PathLike, step: int, state: dict, keep: int = 3) -> Path:
+    """Atomically save a training state as ``RUN/state/step-XXXXXXXX.pt``; keep the last ``keep``.
+
+    ``state`` holds tensors, numbers, strings and nested dicts/lists only (model, EMA,
+    optimizer and scheduler state dicts, step, RNG states as tensors, data position, config
+    dict), so that it loads back with ``torch.load(weights_only=True)``.
+    """
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(f"save_state: step must be an int >= 0, got {step!r}")
+    if keep < 1:
+        raise ValueError(f"save_state: keep must be >= 1 (states to keep), got {keep}")
+    if not isinstance(state, dict):
+        raise TypeError(f"save_state: state must be a dict, got {type(state).__name__}")
+    _check_loadable(state, "state")
+    path = state_path(run_dir, step)
+    atomic_write(path, lambda f: torch.save(state, f))
+    _remove_stale_temps(path.parent)
+    for _, old in list_states(run_dir)[:-keep]:
+        with contextlib.suppress(FileNotFoundError):
+            old.unlink()
+    return path
+
+
+def load_latest_state(
+    run_dir: str | os.PathLike, map_location: str | torch.device | None = "cpu"
+) -> tuple[int, dict] | None:
+    """The newest readable training state as (step, state), or None if the run has none.
+
+    A state that cannot be read (truncated, corrupt) is skipped with a warning naming the
+    file and the error, and the one before it is tried.
+    """
+    for step, path in reversed(list_states(run_dir)):
+        try:
+            state = torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as e:  # any unreadable file: fall back to the previous state
+            log.warning(
+                "training state %s is unreadable (%s: %s); falling back to the one before it",
+                path,
+                type(e).__name__,
+                e,
+            )
+            continue
+        if not isinstance(state, dict):
+            log.warning(
+                "training state %s holds a %s, not a dict; falling back to the one before it",
+                path,
+                type(state).__name__,
+            )
+            continue
+        return step, state
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# exported weights
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain module inside DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _export_tensors(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Contiguous CPU copies; tensors sharing storage (tied weights) get their own copy."""
+    out: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for name, t in state.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"export: {name} is a {type(t).__name__}, not a tensor")
+        if type(t) is not Tensor and not isinstance(t, nn.Parameter):
+            raise TypeError(
+                f"export: {name} is a {type(t).__name__} (sharded?); gather a full CPU state "
+                "dict first, e.g. torch.distributed.checkpoint.state_dict.get_model_state_dict("
+                "model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))"
+            )
+        t = t.detach().to("cpu").contiguous()
+        storage = t.untyped_storage()
+        if storage.data_ptr() in seen or storage.nbytes() != t.numel() * t.element_size():
+            t = t.clone()  # tied, or a view into a larger buffer: safetensors needs its own
+        if t.numel() > 0:
+            seen.add(t.untyped_storage().data_ptr())
+        out[name] = t
+    return out
+
+
+def export_model(
+    run_dir: str | os.PathLike,
+    model: nn.Module | Mapping[str, Tensor],
+    meta: dict,
+    name: str = "model",
+) -> Path:
+    """Write ``RUN/{name}.safetensors`` (weights) and ``RUN/{name}.json`` (meta), atomically.
+
+    ``model`` is a UViT (DDP/compile wrappers are unwrapped) or a full state dict (e.g. gathered
+    from FSDP2). ``meta`` must be JSON-serialisable; ``core`` and ``shell`` (config dicts) are
+    filled from the model when it carries them, and are required. The meta is also stored in
+    the safetensors header, so a lone ``.safetensors`` file is self-describing.
+    Returns the path of the ``.safetensors`` file.
+    """
+    meta = dict(meta)
+    if isinstance(model, nn.Module):
+        model = unwrap_model(model)
+        for key, attr in (("core", "core_config"), ("shell", "shell_config")):
+            cfg = getattr(model, attr, None)
+            if key not in meta and cfg is not None:
+                meta[key] = cfg.to_dict()
+        state = model.state_dict()
+    else:
+        state = dict(model)
+    for key in ("core", "shell"):
+        if not isinstance(meta.get(key), dict):
+            raise ValueError(
+                f"export_model: meta[{key!r}] must be the {key} config dict "
+                f"(CoreConfig/ShellConfig.to_dict()), got {meta.get(key)!r}"
+            )
+    meta.setdefault("format_version", FORMAT_VERSION)
+    meta_text = json.dumps(meta, sort_keys=True, allow_nan=False)  # raises on non-JSON meta
+    tensors = _export_tensors(state)
+    run_dir = Path(run_dir)
+    weights = run_dir / f"{name}.safetensors"
+    atomic_write_bytes(
+        weights, safetensors_bytes(tensors, metadata={"format": "pt", META_KEY: meta_text})
+    )
+    atomic_write_json(run_dir / f"{name}.json", meta)
+    return weights
+
+
+def _weights_and_meta_paths(source: str | os.PathLike, ema: bool = True) -> tuple[Path, Path]:
+    """Resolve a run folder or a .safetensors file to (weights path, sibling json path)."""
+    source = Path(source)
+    if source.is_file() and source.suffix == ".safetensors":
+        return source, source.with_suffix(".json")
+    if not source.exists():
+        raise FileNotFoundError(
+            f"{source} does not exist: point --model/--core at a run folder "
+            "(one holding model.safetensors) or a .safetensors file"
+        )
+    if not source.is_dir():
+        raise ValueError(f"{source} is neither a run folder nor a .safetensors file")
+    stem = "model" if ema else "model-raw"
+    weights = source / f"{stem}.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(
+            f"{source} has no {weights.name}: train it first or point --model at a run folder"
+        )
+    meta = source / f"{stem}.json"
+    if not meta.is_file():
+        meta = source / "model.json"
+    return weights, meta
+
+
+def _read_meta(weights: Path, meta_path: Path) -> dict:
+    """The meta dict: the sibling JSON if present, else the safetensors header."""
+    if meta_path.is_file():
+        try:
+            return json.loads(meta_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{meta_path} is not valid JSON ({e}); re-export the model") from e
+    with safe_open(weights, framework="pt") as f:
+        header = f.metadata() or {}
+    if META_KEY not in header:
+        raise ValueError(
+            f"{weights} carries no greedygrow meta and {meta_path.name} is missing: "
+            "it was not written by greedygrow.checkpoint.export_model"
+        )
+    return json.loads(header[META_KEY])
+
+
+def read_meta(source: str | os.PathLike, ema: bool = True) -> dict:
+    """The exported meta of a run folder or .safetensors file (core/shell config, text, ...)."""
+    return _read_meta(*_weights_and_meta_paths(source, ema))
+
+
+def _config_from_meta(meta: dict, key: str, cls: type, where: Path) -> Any:
+    if not isinstance(meta.get(key), dict):
+        raise ValueError(f"{where}: meta has no {key!r} config dict; re-export the model")
+    try:
+        return cls.from_dict(meta[key])
+    except (TypeError, ValueError, KeyError) as e:
+        raise ValueError(f"{where}: invalid {key} config {meta[key]!r}: {e}") from e
+
+
+def check_state_dict(
+    module: nn.Module, state: Mapping[str, Tensor], what: str = "checkpoint"
+) -> None:
+    """Raise CheckpointMismatch unless ``state`` has exactly ``module``'s tensor names and shapes.
+
+    The message lists every missing, unexpected and shape-mismatched tensor by name (with
+    both shapes) and what to do about it.
+    """
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [
+        (k, tuple(state[k].shape), tuple(expected[k].shape))
+        for k in expected
+        if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
+    if not (missing or unexpected or mismatched):
+        return
+    lines = [
+        f"{what} does not fit {type(module).__name__}: {len(missing)} missing, "
+        f"{len(unexpected)} unexpected, {len(mismatched)} shape-mismatched tensors"
+    ]
+    lines += [f"  missing:    {k} {list(expected[k].shape)}" for k in missing]
+    lines += [f"  unexpected: {k} {list(state[k].shape)}" for k in unexpected]
+    lines += [
+        f"  shape:      {k} checkpoint {list(a)} vs model {list(b)}" for k, a, b in mismatched
+    ]
+    lines.append(
+        "It was written for another configuration: build the model from the "
+        "checkpoint's own config (its model.json), or use a checkpoint trained with "
+        "this configuration."
+    )
+    raise CheckpointMismatch("\n".join(lines), missing, unexpected, mismatched)
+
+
+def load_model(
+    run_dir: str | os.PathLike, ema: bool = True, device: str | torch.device = "cpu"
+) -> tuple[UViT, dict]:
+    """Build the exported UViT of a run folder (EMA weights by default) in eval mode.
+
+    Returns (model, meta); ``meta`` is the dict given to :func:`export_model`.
+    """
+    weights, meta_path = _weights_and_meta_paths(run_dir, ema)
+    meta = _read_meta(weights, meta_path)
+    core = _config_from_meta(meta, "core", CoreConfig, weights)
+    shell = _config_from_meta(meta, "shell", ShellConfig, weights)
+    model = UViT(core, shell)
+    state = load_file(weights, device="cpu")
+    check_state_dict(model, state, what=str(weights))
+    model.load_state_dict(state, strict=True)
+    return model.to(device).eval(), meta
+
+
+def load_core(source: str | os.PathLike) -> tuple[CoreConfig, dict[str, Tensor]]:
+    """The core config and core weights (keys relative to ``model.core``) of an exported model.
+
+    ``source`` is a run folder (its EMA weights, model.safetensors) or a .safetensors file
+    written by :func:`export_model`. Only the ``core.`` tensors are read.
+    """
+    weights, meta_path = _weights_and_meta_paths(source, ema=True)
+    meta = _read_meta(weights, meta_path)
+    core = _config_from_meta(meta, "core", CoreConfig, weights)
+    with safe_open(weights, framework="pt", device="cpu") as f:
+        names = [k for k in f.keys() if k.startswith("core.")]  # noqa: SIM118 (safe_open)
+        state = {k[len("core.") :]: f.get_tensor(k) for k in names}
+    if not state:
+        raise ValueError(f"{weights} holds no 'core.*' tensors: it is not an exported UViT")
+    return core, state

@@ -1,0 +1,48 @@
+"""Data: the built-in scenes and real text–image readers (every item is a dict with image,
+caption, key, meta)."""
+
+from greedygrow.data.scenes import (
+    ATTRIBUTES,
+    COLORS,
+    SHAPES,
+    Scene,
+    ScenesDataset,
+    ScenesStream,
+    native_resolution,
+    native_resolutions,
+    parse_caption,
+    render,
+    render_native,
+    sample_scene,
+    write_dataset,
+)
+from greedygrow.data.sources import (
+    FolderDataset,
+    SkipCounter,
+    WebDatasetStream,
+    make_dataset,
+    skip_none_collate,
+    webdataset_pipeline,
+)
+
+__all__ = [
+    "ATTRIBUTES",
+    "COLORS",
+    "SHAPES",
+    "FolderDataset",
+    "Scene",
+    "ScenesDataset",
+    "ScenesStream",
+    "SkipCounter",
+    "WebDatasetStream",
+    "make_dataset",
+    "native_resolution",
+    "native_resolutions",
+    "parse_caption",
+    "render",
+    "render_native",
+    "sample_scene",
+    "skip_none_collate",
+    "webdataset_pipeline",
+    "write_dataset",
+]

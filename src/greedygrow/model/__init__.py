@@ -1,0 +1,34 @@
+"""The UViT: a transformer core on a G×G token grid inside a convolutional shell."""
+
+from greedygrow.model.core import Conditioning, Core, CoreConfig
+from greedygrow.model.layers import flop_counter
+from greedygrow.model.presets import (
+    CORE_PRESETS,
+    SHELL_FAMILIES,
+    SHELL_PRESETS,
+    ShellFamily,
+    core_preset,
+    preset_table,
+    shell_preset,
+)
+from greedygrow.model.shell import Shell, ShellConfig
+from greedygrow.model.uvit import UViT, count_flops, count_parameters
+
+__all__ = [
+    "CORE_PRESETS",
+    "SHELL_FAMILIES",
+    "SHELL_PRESETS",
+    "Conditioning",
+    "Core",
+    "CoreConfig",
+    "Shell",
+    "ShellConfig",
+    "ShellFamily",
+    "UViT",
+    "core_preset",
+    "count_flops",
+    "count_parameters",
+    "flop_counter",
+    "preset_table",
+    "shell_preset",
+]

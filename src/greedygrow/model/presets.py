@@ -1,0 +1,113 @@
+"""Named model presets, as data, from CPU-sized to the paper's scale.
+
+Cores: `cpu-*` train on a laptop CPU (`cpu-tiny`: a batch-32 training step at 64 px in well
+under a second on 2 cores), `paper-*` are about 0.5B, 2B and 8B parameters like the paper's
+models (their widths and depths are ours; the paper does not publish them). Shells come in
+families: a family fixes the channel width and block count of each level by its size
+relative to the grid (level k has side G·2^k), so one family gives a shell for every
+resolution G·2^k up to its deepest level. `cpu` is narrow, `paper` is full-sized.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from greedygrow.model.core import CoreConfig
+from greedygrow.model.shell import ShellConfig
+from greedygrow.model.uvit import count_flops, count_parameters
+
+CORE_PRESETS: dict[str, CoreConfig] = {
+    "cpu-tiny": CoreConfig(width=128, depth=4, heads=4),
+    "cpu-small": CoreConfig(width=192, depth=6, heads=6),
+    "cpu-base": CoreConfig(width=256, depth=8, heads=8),
+    "paper-0.5b": CoreConfig(width=1024, depth=20, heads=16),
+    "paper-2b": CoreConfig(width=2048, depth=20, heads=16),
+    "paper-8b": CoreConfig(width=3072, depth=34, heads=24),
+}
+
+
+@dataclass(frozen=True)
+class ShellFamily:
+    """Channel widths and ResBlocks per level, indexed by level k = 1, 2, ... (side G·2^k)."""
+
+    shallow_channels: int
+    channels: tuple[int, ...]
+    blocks: tuple[int, ...]
+    norm_groups: int = 32
+    shallow_blocks: int = 1
+
+
+SHELL_FAMILIES: dict[str, ShellFamily] = {
+    "cpu": ShellFamily(
+        shallow_channels=64, channels=(64, 32, 32, 16, 16, 8), blocks=(1, 1, 1, 1, 1, 1),
+        norm_groups=8,
+    ),
+    "paper": ShellFamily(
+        shallow_channels=256, channels=(512, 256, 128, 128, 64, 64), blocks=(2, 2, 2, 2, 2, 2),
+    ),
+}
+
+
+def core_preset(name: str, **overrides: Any) -> CoreConfig:
+    """The core preset `name`, with fields replaced by `overrides` (e.g. text_dim=768)."""
+    if name not in CORE_PRESETS:
+        raise ValueError(f"unknown core preset {name!r}; choose one of {sorted(CORE_PRESETS)}")
+    return dataclasses.replace(CORE_PRESETS[name], **overrides)
+
+
+def shell_preset(
+    kind: str, resolution: int, family: str = "paper", grid: int = 16, **overrides: Any
+) -> ShellConfig:
+    """A `kind` ("shallow" | "grown") shell for `resolution` px from the shell `family`.
+
+    Raises ValueError, before anything is built, when the resolution is not reachable
+    (not grid × a power of two, or deeper than the family's levels).
+    """
+    if family not in SHELL_FAMILIES:
+        raise ValueError(f"unknown shell family {family!r}; choose one of {sorted(SHELL_FAMILIES)}")
+    fam = SHELL_FAMILIES[family]
+    if kind == "shallow":
+        fields: dict[str, Any] = {"channels": (fam.shallow_channels,),
+                                  "blocks": (fam.shallow_blocks,)}
+    else:
+        levels = max(resolution // grid, 1).bit_length() - 1
+        if levels > len(fam.channels):
+            raise ValueError(
+                f"shell family {family!r} has {len(fam.channels)} levels, so its grown shells "
+                f"reach at most {grid * 2 ** len(fam.channels)} px at grid {grid}; "
+                f"{resolution} px needs {levels}"
+            )
+        fields = {"channels": fam.channels[:levels][::-1], "blocks": fam.blocks[:levels][::-1]}
+    fields.update(kind=kind, resolution=resolution, grid=grid, norm_groups=fam.norm_groups)
+    fields.update(overrides)
+    return ShellConfig(**fields)
+
+
+SHELL_PRESETS: dict[str, ShellConfig] = {
+    "cpu-shallow-32": shell_preset("shallow", 32, "cpu"),
+    "cpu-shallow-64": shell_preset("shallow", 64, "cpu"),
+    **{f"cpu-grown-{r}": shell_preset("grown", r, "cpu") for r in (64, 128, 256, 512)},
+    "paper-shallow-64": shell_preset("shallow", 64, "paper"),
+    **{f"paper-grown-{r}": shell_preset("grown", r, "paper") for r in (128, 256, 512, 1024)},
+}
+
+
+def preset_table() -> list[dict[str, Any]]:
+    """One row per (core preset, shell preset) of the same family: parameters (core, shell)
+    and forward FLOPs per image, all computed on the meta device."""
+    rows = []
+    for core_name, core in CORE_PRESETS.items():
+        for shell_name, shell in SHELL_PRESETS.items():
+            if core_name.split("-")[0] != shell_name.split("-")[0]:
+                continue
+            params, flops = count_parameters(core, shell), count_flops(core, shell)
+            rows.append({
+                "core": core_name, "shell": shell_name, "kind": shell.kind,
+                "resolution": shell.resolution,
+                "core_params": params["core"], "shell_params": params["shell"],
+                "core_flops": flops["core"], "shell_flops": flops["shell"],
+                "flops_per_image": flops["total"],
+            })
+    return rows

@@ -1,0 +1,160 @@
+"""Samplers for v-prediction models: ancestral, DDIM and DPM-Solver++(2M), with guidance.
+
+Every sampler walks t from 1 (noise) to 0 on `steps` equal intervals of t, mapped to log-SNR by
+the schedule, calls the model once per interval (at its noisy end) and returns the last step's
+x̂ clamped to [−1, 1]: the final interval is a jump to the clean image, which is what a DDIM or
+first-order DPM-Solver++ step does as σ → 0, so `steps` is exactly the number of model calls.
+
+Classifier-free guidance (Ho & Salimans 2022) is applied to v̂: out = out_u + w (out_c − out_u).
+Because x̂ and ε̂ are linear in v̂ at fixed (z, λ), this is the same as guiding x̂ or ε̂.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from greedygrow.diffusion import Schedule, alpha_sigma, eps_from_v, x_from_v
+
+Denoiser = Callable[[Tensor, Tensor, Tensor], Tensor]
+"""(z [N, ...], logsnr [N], drop [N] bool: True → unconditional) -> v̂ [N, ...]."""
+
+SAMPLERS = ("ddim", "ancestral", "dpmpp2m")
+
+
+def uvit_denoiser(
+    model: nn.Module, text_tokens: Tensor, text_mask: Tensor, text_pooled: Tensor
+) -> Denoiser:
+    """Wrap a UViT and its text as a Denoiser.
+
+    The text batch b is one prompt for all images (b = 1) or one per image; it is tiled along
+    the batch to whatever N the sampler asks for (N = B, or 2B for [cond; uncond]), so N must
+    be a multiple of b.
+    """
+    b = text_tokens.shape[0]
+    if text_tokens.ndim != 3 or text_mask.shape != text_tokens.shape[:2]:
+        raise ValueError(
+            f"uvit_denoiser: text_tokens {tuple(text_tokens.shape)} must be [b,T,E] and "
+            f"text_mask {tuple(text_mask.shape)} must be [b,T]"
+        )
+    if text_pooled.shape != (b, text_tokens.shape[2]):
+        raise ValueError(
+            f"uvit_denoiser: text_pooled {tuple(text_pooled.shape)} must be "
+            f"[{b},{text_tokens.shape[2]}] to match text_tokens"
+        )
+    cache: dict[tuple[int, torch.device], tuple[Tensor, Tensor, Tensor]] = {}
+
+    def denoise(z: Tensor, logsnr: Tensor, drop: Tensor) -> Tensor:
+        n = z.shape[0]
+        if n % b:
+            raise ValueError(
+                f"uvit_denoiser: a batch of {n} images cannot share {b} prompts; pass one "
+                "prompt, or one per image"
+            )
+        key = (n, z.device)
+        if key not in cache:
+            reps = n // b
+            cache[key] = (
+                text_tokens.to(z.device).repeat(reps, 1, 1),
+                text_mask.to(z.device).repeat(reps, 1),
+                text_pooled.to(z.device).repeat(reps, 1),
+            )
+        tokens, mask, pooled = cache[key]
+        return model(z, logsnr, tokens, mask, pooled, drop_text=drop)
+
+    return denoise
+
+
+def _noise(generators: Sequence[torch.Generator], shape: Sequence[int], device) -> Tensor:
+    """One draw per image from its own CPU generator, so image i never depends on the batch."""
+    return torch.stack([torch.randn(tuple(shape), generator=g) for g in generators]).to(device)
+
+
+@torch.inference_mode()
+def sample(
+    denoise: Denoiser,
+    shape: Sequence[int],
+    schedule: Schedule,
+    steps: int = 50,
+    sampler: str = "ddim",
+    guidance: float = 1.0,
+    guidance_interval: tuple[float, float] | None = None,
+    seeds: Sequence[int] | None = None,
+    device: str | torch.device = "cpu",
+    autocast: bool = False,
+    progress: bool = False,
+) -> Tensor:
+    """Generate images x [B, ...] in [−1, 1] from a v-prediction Denoiser.
+
+    sampler: "ddim" (deterministic, η = 0), "ancestral" (DDPM posterior) or "dpmpp2m"
+    (DPM-Solver++(2M)). guidance: CFG weight w (1 → no unconditional pass at all).
+    guidance_interval: (λ_lo, λ_hi); guide only at steps whose log-SNR lies inside it.
+    seeds: one per image (default 0..B−1); image i depends only on seeds[i].
+    autocast: run the denoiser under bf16 autocast (the sampler's own arithmetic stays fp32).
+    """
+    shape = tuple(int(s) for s in shape)
+    if len(shape) < 2:
+        raise ValueError(f"sample: shape {shape} must be [B, ...] with at least one image dim")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sample: sampler={sampler!r}; choose one of {SAMPLERS}")
+    if int(steps) < 1:
+        raise ValueError(f"sample: steps={steps} must be at least 1")
+    seeds = list(range(shape[0])) if seeds is None else [int(s) for s in seeds]
+    if len(seeds) != shape[0]:
+        raise ValueError(f"sample: {len(seeds)} seeds for a batch of {shape[0]}; give one each")
+    if guidance_interval is not None and not guidance_interval[0] <= guidance_interval[1]:
+        raise ValueError(f"sample: guidance_interval={guidance_interval} must be (lo, hi), lo<=hi")
+    device = torch.device(device)
+    w = float(guidance)
+
+    def v_hat(z: Tensor, lam: float) -> Tensor:
+        n = z.shape[0]
+        logsnr = torch.full((n,), lam, device=device, dtype=torch.float32)
+        inside = guidance_interval is None or guidance_interval[0] <= lam <= guidance_interval[1]
+        guided = w != 1.0 and inside
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            if not guided:
+                return denoise(z, logsnr, torch.zeros(n, dtype=torch.bool, device=device)).float()
+            drop = torch.arange(2 * n, device=device) >= n  # [cond; uncond] in one forward
+            out = denoise(torch.cat([z, z]), torch.cat([logsnr, logsnr]), drop).float()
+        out_c, out_u = out[:n], out[n:]
+        return out_u + w * (out_c - out_u)  # CFG: out_u + w (out_c − out_u) (Ho & Salimans 2022)
+
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    z = _noise(generators, shape[1:], device)
+    t = torch.linspace(1.0, 0.0, int(steps) + 1, dtype=torch.float64)
+    lams = schedule.logsnr(t).tolist()
+    x_prev: Tensor | None = None
+    h_prev = 0.0
+    for i in tqdm(range(int(steps)), disable=not progress, desc=f"sampling ({sampler})"):
+        lam_t, lam_s = lams[i], lams[i + 1]
+        lt = torch.tensor(lam_t, dtype=torch.float32, device=device)
+        v = v_hat(z, lam_t)
+        x = x_from_v(z, v, lt)
+        if i == int(steps) - 1:
+            break
+        a_t, s_t = (float(c) for c in alpha_sigma(torch.tensor(lam_t, dtype=torch.float64)))
+        a_s, s_s = (float(c) for c in alpha_sigma(torch.tensor(lam_s, dtype=torch.float64)))
+        if sampler == "ddim":
+            # z_s = α_s x̂ + σ_s ε̂  (DDIM, η = 0; Song et al. 2021)
+            z = a_s * x + s_s * eps_from_v(z, v, lt)
+        elif sampler == "ancestral":
+            # q(z_s | z_t, x̂): with c = 1 − e^{λ_t − λ_s}, mean = (α_t σ_s² / (α_s σ_t²)) z_t
+            # + α_s c x̂, variance = σ_s² c  (VDM posterior, Kingma et al. 2021, eq. in App. A)
+            c = -math.expm1(lam_t - lam_s)
+            mean = (a_t * s_s**2 / (a_s * s_t**2)) * z + (a_s * c) * x
+            z = mean + (s_s * math.sqrt(c)) * _noise(generators, shape[1:], device)
+        else:
+            # DPM-Solver++(2M), data prediction, in half-log-SNR h = (λ_s − λ_t)/2
+            # (Lu et al. 2022, Alg. 2): z_s = (σ_s/σ_t) z_t − α_s (e^{−h} − 1) D, with
+            # D = (1 + 1/(2r)) x̂_t − 1/(2r) x̂_prev, r = h_prev/h; first step D = x̂_t.
+            h = 0.5 * (lam_s - lam_t)
+            first = x_prev is None or h_prev == 0.0  # (a flat, clamped stretch of λ has h = 0)
+            d = x if first else x + (x - x_prev) * (h / (2.0 * h_prev))
+            z = (s_s / s_t) * z - (a_s * math.expm1(-h)) * d
+            x_prev, h_prev = x, h
+    return x.clamp(-1.0, 1.0)

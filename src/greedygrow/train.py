@@ -1,0 +1,709 @@
+"""The training loop for both phases of greedy growing, single process or under torchrun.
+
+`train(cfg, out)` runs phase 1 (train-core: a Shallow-UViT at low resolution on all the data)
+or phase 2 (grow: a grown shell around a phase-1 core at resolution R, on the high-resolution
+subset, in mode greedy | unfreeze | joint | scratch), and resumes from the run folder's latest
+state when run again on it.
+
+Determinism: every random draw of a training step (caption drop, t, noise) comes from a
+generator seeded by (seed, step, global sample index), and the data order is a function of
+(seed, global sample position). So a resumed run equals an uninterrupted one, and N processes
+with a global batch B equal one process with B — no RNG state has to be carried across a
+restart or a change of world size. (Dropout, if enabled in the shell, draws from the global
+RNG, reseeded per (seed, step, rank).)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageDraw, ImageFont
+from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+from torch.utils.data import DataLoader, IterableDataset, Sampler
+
+from greedygrow.checkpoint import export_model, load_latest_state, load_model, save_state
+from greedygrow.config import (
+    Config,
+    ConfigError,
+    config_diff,
+    core_config,
+    load_config,
+    read_config,
+    resolve,
+    save_config,
+    shell_config,
+    to_dict,
+    user_keys,
+    validate,
+)
+from greedygrow.data import make_dataset
+from greedygrow.diffusion import Schedule, schedule_for, training_loss
+from greedygrow.grow import core_is_frozen, grow, set_core_frozen
+from greedygrow.model import UViT
+from greedygrow.sampling import sample, uvit_denoiser
+from greedygrow.text import CachedTextEncoder, load_text_encoder
+
+log = logging.getLogger(__name__)
+
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+GUIDANCE_DEFAULT = {"core": 1.75, "grow": 4.0}  # the paper's guidance weights per phase
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+
+
+def train(cfg: Config, out: str | Path) -> Path:
+    """Train (or resume) the run in folder `out`; returns it. Works under torchrun."""
+    cfg = resolve(cfg)
+    validate(cfg)
+    env = init_distributed(cfg.run.device)
+    try:
+        return _train(cfg, Path(out), env)
+    finally:
+        if env.world > 1:
+            dist.destroy_process_group()
+
+
+def _train(cfg: Config, run: Path, env: Env) -> Path:
+    _check_resume(cfg, run)
+    if cfg.run.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    elif env.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    r = cfg.run
+    if r.batch_size % env.world:
+        raise ConfigError(f"run.batch_size={r.batch_size} (global) is not divisible by the "
+                          f"{env.world} processes; pick a multiple of {env.world}")
+    local_batch = r.batch_size // env.world
+    schedule = schedule_for(cfg.model.resolution, cfg.diffusion.schedule)
+    encoder = CachedTextEncoder(
+        load_text_encoder(cfg.data.text_encoder, cfg.data.text_max_length, env.device),
+        cfg.data.text_cache_dir or run / "text-cache",
+    )
+    resumed = load_latest_state(run)
+    step, state = resumed if resumed is not None else (0, None)
+    if env.main and state is not None:
+        log.info("resuming %s from step %d", run, step)
+    t = Trainable(cfg, env, step, state)  # a core that does not fit is refused here
+    del state
+    _write_config(cfg, run, env)
+    batches = _batches(cfg, env, step, local_batch)
+    logger = _Logger(cfg, run, env, step) if env.main else None
+    sampler_model = UViT(t.core_cfg, t.shell_cfg).to(env.device).eval() if env.main else None
+    pending_loss, pending_n, busy = torch.zeros((), device=env.device), 0, 0.0
+    while step < r.steps:
+        t.set_frozen(_core_frozen_at(cfg, step))
+        batch = next(batches)
+        tic = time.perf_counter()
+        lr = _set_lr(t.optimizer, cfg, step)
+        loss, grad_norm = t.step(batch, encoder, schedule, step, local_batch)
+        t.update_ema(_ema_decay(cfg, step))
+        step += 1
+        pending_loss += loss.detach()
+        pending_n += 1
+        busy += time.perf_counter() - tic
+        if step % max(r.log_every, 1) == 0 or step == r.steps:
+            mean_loss = _all_mean(pending_loss / pending_n, env)
+            if logger is not None:
+                logger.log(step, {"loss": mean_loss, "lr": lr, "grad_norm": grad_norm,
+                                  "images_per_s": pending_n * r.batch_size / busy,
+                                  "core_frozen": t.frozen})
+            pending_loss, pending_n, busy = torch.zeros((), device=env.device), 0, 0.0
+        if step % max(r.checkpoint_every, 1) == 0 or step == r.steps:
+            _checkpoint(cfg, run, env, t, step, schedule)
+        if (r.sample_every and step % r.sample_every == 0) or step == r.steps:
+            ema = t.full_ema()
+            if sampler_model is not None:
+                sampler_model.load_state_dict(ema)
+                grid = sample_grid(sampler_model, encoder, schedule, r.sample_prompts,
+                                   r.sample_per_prompt, r.sample_steps, r.sample_sampler,
+                                   r.sample_guidance, r.seed, env.device)
+                logger.grid(step, grid)
+    if logger is not None:
+        logger.close()
+    return run
+
+
+def train_core_config(config_file: str | None = None, overrides: list[str] | tuple = ()
+                      ) -> Config:
+    """Phase 1's config: defaults ← YAML ← key=value; resolved and validated."""
+    cfg = resolve(load_config(config_file, overrides))
+    if cfg.phase != "core":
+        raise ConfigError("grow.mode is set: phase 2 runs with `greedygrow grow`, not train-core")
+    validate(cfg)
+    return cfg
+
+
+def grow_config(core: str | None, resolution: int, mode: str, freeze_steps: int | None = None,
+                config_file: str | None = None, overrides: list[str] | tuple = ()) -> Config:
+    """Phase 2's config. The core's preset and text encoder come from the phase-1 run unless
+    set explicitly; then YAML ← key=value ← the --resolution/--mode/--freeze-steps flags."""
+    inherited: dict = {}
+    if core is not None:
+        source = Path(core) / "config.yaml"
+        if not source.is_file():
+            raise ConfigError(f"--core {core}: no config.yaml there; point --core at a "
+                              "phase-1 run folder written by `greedygrow train-core`")
+        phase1 = read_config(source)
+        user = user_keys(config_file, overrides)
+        for key in ("model.core", "model.core_overrides", "data.text_encoder",
+                    "data.text_max_length"):
+            if key not in user:
+                section, name = key.split(".")
+                value = getattr(getattr(phase1, section), name)
+                inherited.setdefault(section, {})[name] = value
+    flags = [f"model.resolution={resolution}", f"grow.mode={mode}"]
+    if core is not None:
+        flags.append(f"grow.core={Path(core).resolve()}")
+    if freeze_steps is not None:
+        flags.append(f"grow.freeze_steps={freeze_steps}")
+    cfg = resolve(load_config(config_file, [*overrides, *flags], base=inherited))
+    validate(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# distributed
+
+
+@dataclass
+class Env:
+    """Where this process runs: rank, world size and device."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str = "auto") -> Env:
+    """Join the torchrun process group if there is one (NCCL on CUDA, gloo on CPU)."""
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("run.device=cuda but CUDA is not available; use run.device=cpu")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Env(0, 1, torch.device("cuda" if use_cuda else "cpu"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
+    return Env(dist.get_rank(), dist.get_world_size(), dev)
+
+
+def _all_mean(x: Tensor, env: Env) -> float:
+    if env.world > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= env.world
+    return float(x)
+
+
+def _barrier(env: Env) -> None:
+    if env.world > 1:
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+# model, EMA, optimizer
+
+
+def _core_frozen_at(cfg: Config, step: int) -> bool:
+    return cfg.phase == "grow" and core_is_frozen(step, cfg.grow.mode, cfg.grow.freeze_steps)
+
+
+class Trainable:
+    """The model being trained, its EMA, its optimizer, and how it is wrapped (DDP/FSDP2)."""
+
+    def __init__(self, cfg: Config, env: Env, step: int, state: dict | None) -> None:
+        self.cfg, self.env = cfg, env
+        self.core_cfg, self.shell_cfg = core_config(cfg), shell_config(cfg)
+        torch.manual_seed(cfg.run.seed)  # the same initialisation on every rank
+        if state is None and cfg.phase == "grow":
+            source = None if cfg.grow.mode == "scratch" else cfg.grow.core
+            model = grow(source, self.core_cfg, self.shell_cfg, cfg.grow.mode)
+        else:
+            model = UViT(self.core_cfg, self.shell_cfg)
+        model.to(env.device)
+        model.set_gradient_checkpointing(cfg.model.gradient_checkpointing)
+        self.ema = _copy_model(model, self.core_cfg, self.shell_cfg).requires_grad_(False).eval()
+        self.model = model.train()
+        self.frozen = _core_frozen_at(cfg, step)
+        if cfg.phase == "grow":
+            set_core_frozen(model, self.frozen)
+        self.fsdp = cfg.run.parallel == "fsdp" and env.world > 1
+        if self.fsdp:
+            _shard(self.model)
+            _shard(self.ema)
+        self.optimizer = torch.optim.AdamW(
+            _param_groups(model, cfg, core=not self.frozen), lr=cfg.optim.lr,
+            betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
+        )
+        if state is not None:
+            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optimizer"], options=FULL)
+            set_model_state_dict(self.ema, state["ema"], options=FULL)
+        self._wrap()
+
+    def _wrap(self) -> None:
+        forward: nn.Module = self.model
+        if self.env.world > 1 and not self.fsdp:
+            ids = [self.env.device.index] if self.env.device.type == "cuda" else None
+            forward = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.forward = torch.compile(forward) if self.cfg.model.compile else forward
+
+    def set_frozen(self, frozen: bool) -> None:
+        """Switch the core between frozen and trained (unfreeze mode), in place."""
+        if frozen == self.frozen:
+            return
+        if frozen:
+            raise RuntimeError("a trained core is never frozen again")
+        set_core_frozen(self.model, False)
+        for group in _param_groups(self.model, self.cfg, core=True, shell=False):
+            self.optimizer.add_param_group(group)
+        self.frozen = False
+        self._wrap()  # DDP registers only the parameters that require grad at construction
+
+    def step(self, batch: dict, encoder, schedule: Schedule, step: int, local_batch: int
+             ) -> tuple[Tensor, float]:
+        """One optimizer step on this rank's share of the global batch; (loss, grad norm)."""
+        cfg, env = self.cfg, self.env
+        x = batch["image"].to(env.device, non_blocking=True)
+        text = encoder.encode(list(batch["caption"])).to(env.device)
+        first = step * cfg.run.batch_size + env.rank * local_batch
+        drop, t, noise = _step_randomness(cfg, step, first, x)
+        torch.manual_seed(_mix(cfg.run.seed, step, env.rank, 1))  # dropout, if any
+        bf16 = cfg.run.precision == "bf16"
+
+        def denoise(z: Tensor, logsnr: Tensor) -> Tensor:
+            with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=bf16):
+                return self.forward(z, logsnr, text.tokens, text.mask, text.pooled,
+                                    drop_text=drop)
+
+        loss = training_loss(denoise, x, schedule, cfg.diffusion.weighting,
+                             cfg.diffusion.multiscale, t=t, noise=noise).mean()
+        loss.backward()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norm = _clip(params, cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss, grad_norm
+
+    @torch.no_grad()
+    def update_ema(self, decay: float) -> None:
+        """ema ← ema + (1 − decay)(θ − ema); exact for a frozen θ (θ − ema = 0)."""
+        ema = [_local(p) for p in self.ema.parameters()]
+        cur = [_local(p) for p in self.model.parameters()]
+        torch._foreach_lerp_(ema, cur, 1.0 - decay)
+
+    def full_state(self) -> dict:
+        """Full (unsharded) CPU state dicts of model, EMA and optimizer; collective."""
+        model, optim = get_state_dict(self.model, self.optimizer, options=FULL)
+        return {"model": model, "optimizer": optim, "ema": self.full_ema()}
+
+    def full_ema(self) -> dict[str, Tensor]:
+        """The EMA weights as a full CPU state dict (rank 0; empty elsewhere); collective."""
+        return get_model_state_dict(self.ema, options=FULL)
+
+
+def _copy_model(model: UViT, core_cfg, shell_cfg) -> UViT:
+    copy = UViT(core_cfg, shell_cfg).to(next(model.parameters()).device)
+    copy.load_state_dict(model.state_dict())
+    return copy
+
+
+def _shard(model: UViT) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.core.blocks:
+        fully_shard(block)
+    fully_shard(model)
+
+
+def _local(p: Tensor) -> Tensor:
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
+def _param_groups(model: UViT, cfg: Config, core: bool, shell: bool = True) -> list[dict]:
+    """AdamW groups: shell then core, each split into decayed (matrices) and not (the rest)."""
+    core_ids = {id(p) for p in model.core.parameters()}
+    groups = []
+    for name, wanted, mult in (("shell", shell, 1.0), ("core", core, cfg.optim.core_lr_multiplier)):
+        if not wanted:
+            continue
+        params = [p for p in model.parameters() if (id(p) in core_ids) == (name == "core")]
+        for decay in (True, False):
+            chosen = [p for p in params if (p.ndim >= 2) == decay]
+            if chosen:
+                groups.append({"params": chosen, "name": name, "lr_mult": mult,
+                               "weight_decay": cfg.optim.weight_decay if decay else 0.0})
+    return groups
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, cfg: Config, step: int) -> float:
+    """Set every group's lr for `step`; returns the base lr."""
+    lr = lr_at(cfg, step)
+    core_start = max(cfg.grow.freeze_steps or 0, 0) if cfg.phase == "grow" else 0
+    core_lr = lr_at(cfg, step, start=core_start)
+    for g in optimizer.param_groups:
+        g["lr"] = (core_lr if g["name"] == "core" else lr) * g["lr_mult"]
+    return lr
+
+
+def lr_at(cfg: Config, step: int, start: int = 0) -> float:
+    """Learning rate at `step`: linear warm-up from `start`, then constant or cosine."""
+    o = cfg.optim
+    # warm-up: lr · min(1, (n + 1) / W), n steps since `start` (the core's own warm-up when it
+    # is unfrozen at `start`)
+    warm = min(1.0, (step - start + 1) / o.warmup_steps) if o.warmup_steps else 1.0
+    if o.schedule == "constant":
+        return o.lr * warm
+    total = max(cfg.run.steps - o.warmup_steps, 1)
+    progress = min(max(step - o.warmup_steps, 0) / total, 1.0)
+    # cosine: f + (1 − f) · ½ (1 + cos(π p)), p the fraction of post-warm-up steps done
+    f = o.final_lr_fraction
+    return o.lr * warm * (f + (1 - f) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _ema_decay(cfg: Config, step: int) -> float:
+    # decay_n = min(decay, (1 + n) / (10 + n))  (TF ExponentialMovingAverage num_updates)
+    d = cfg.optim.ema_decay
+    return min(d, (1 + step) / (10 + step)) if cfg.optim.ema_warmup else d
+
+
+def _clip(params: list[Tensor], max_norm: float) -> float:
+    if not params:
+        return 0.0
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+# ---------------------------------------------------------------------------------------------
+# randomness and data
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed mixing integers (splitmix64 finaliser over a running hash)."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+    return h >> 1
+
+
+def _step_randomness(cfg: Config, step: int, first: int, x: Tensor
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+    """Caption-drop flags [b], t [b] and noise like x, sample i seeded by (seed, step, first+i)."""
+    drops, ts, noises = [], [], []
+    for i in range(x.shape[0]):
+        g = torch.Generator(x.device).manual_seed(_mix(cfg.run.seed, step, first + i))
+        u = torch.rand(2, generator=g, device=x.device, dtype=torch.float64)
+        drops.append(u[0] < cfg.data.caption_dropout)
+        ts.append(u[1])
+        noises.append(torch.randn(x.shape[1:], generator=g, device=x.device, dtype=x.dtype))
+    return torch.stack(drops), torch.stack(ts), torch.stack(noises)
+
+
+class StepSampler(Sampler[list[int]]):
+    """This rank's indices for each step from `start`: global position p = step·B + j reads
+    index perm_e[p mod N], perm_e a permutation seeded by (seed, epoch e = p // N)."""
+
+    def __init__(self, n: int, global_batch: int, rank: int, world: int, seed: int,
+                 start: int, steps: int) -> None:
+        self.n, self.b, self.seed = n, global_batch, seed
+        self.local = global_batch // world
+        self.offset = rank * self.local
+        self.start, self.steps = start, steps
+        self._perm: tuple[int, Tensor] | None = None
+
+    def _index(self, p: int) -> int:
+        epoch = p // self.n
+        if self._perm is None or self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(_mix(self.seed, epoch, 2))
+            self._perm = (epoch, torch.randperm(self.n, generator=g))
+        return int(self._perm[1][p % self.n])
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for s in range(self.start, self.steps):
+            base = s * self.b + self.offset
+            yield [self._index(base + j) for j in range(self.local)]
+
+    def __len__(self) -> int:
+        return self.steps - self.start
+
+
+def _batches(cfg: Config, env: Env, start: int, local_batch: int) -> Iterator[dict]:
+    d = cfg.data
+    dataset = make_dataset(d.source, d.path, cfg.model.resolution, train=True,
+                           min_native=d.min_native, seed=cfg.run.seed, count=d.count)
+    kw = {"num_workers": d.workers, "pin_memory": env.device.type == "cuda",
+          "persistent_workers": d.workers > 0}
+    if isinstance(dataset, IterableDataset):
+        # Streams split themselves over ranks and workers; resuming re-reads `start` batches.
+        loader = DataLoader(dataset, batch_size=local_batch, **kw)
+        it = iter(loader)
+        for _ in range(start):
+            next(it)
+        return it
+    if len(dataset) == 0:
+        raise ConfigError(f"data set {d.source}:{d.path} is empty at min_native={d.min_native}")
+    sampler = StepSampler(len(dataset), cfg.run.batch_size, env.rank, env.world,
+                          cfg.run.seed, start, cfg.run.steps)
+    return iter(DataLoader(dataset, batch_sampler=sampler, **kw))
+
+
+# ---------------------------------------------------------------------------------------------
+# run folder: config, checkpoints, logs, sample grids
+
+
+def _check_resume(cfg: Config, run: Path) -> None:
+    """Refuse to resume a run folder whose config differs in a key that matters."""
+    path = run / "config.yaml"
+    if path.is_file():
+        diff = config_diff(read_config(path), cfg)
+        if diff:
+            raise ConfigError(
+                f"{run} holds a run with another config; differing keys:\n  "
+                + "\n  ".join(diff)
+                + "\nUse another --out folder, or the same settings to resume it."
+            )
+
+
+def _write_config(cfg: Config, run: Path, env: Env) -> None:
+    if env.main:
+        run.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run / "config.yaml")
+    _barrier(env)
+
+
+def _checkpoint(cfg: Config, run: Path, env: Env, t: Trainable, step: int, schedule: Schedule
+                ) -> None:
+    """Save the training state (rank 0 writes) and export EMA and raw weights."""
+    state = t.full_state()
+    if env.main:
+        save_state(run, step, {"step": step, "config": to_dict(cfg), **state,
+                               "data": {"position": step * cfg.run.batch_size}},
+                   keep=cfg.run.keep)
+        meta = export_meta(cfg, t, schedule, step)
+        meta.update(core=t.core_cfg.to_dict(), shell=t.shell_cfg.to_dict())
+        export_model(run, state["ema"], meta, name="model")
+        export_model(run, state["model"], meta, name="model-raw")
+    _barrier(env)
+
+
+def export_meta(cfg: Config, t: Trainable, schedule: Schedule, step: int) -> dict:
+    """What inference needs besides the weights (written to RUN/model.json)."""
+    return {
+        "text_encoder": cfg.data.text_encoder,
+        "text_max_length": cfg.data.text_max_length,
+        "resolution": cfg.model.resolution,
+        "schedule": schedule.to_dict(),
+        "guidance": GUIDANCE_DEFAULT[cfg.phase],
+        "phase": cfg.phase,
+        "mode": cfg.grow.mode,
+        "step": step,
+    }
+
+
+class _Logger:
+    """Rank 0's outputs: progress bar, RUN/metrics.jsonl, TensorBoard, sample grids."""
+
+    def __init__(self, cfg: Config, run: Path, env: Env, start: int) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm.auto import tqdm
+
+        self.metrics = run / "metrics.jsonl"
+        _truncate_metrics(self.metrics, start)
+        self.tb = SummaryWriter(str(run / "tb"), purge_step=start or None)
+        self.samples = run / "samples"
+        self.bar = tqdm(total=cfg.run.steps, initial=start, disable=not cfg.run.progress,
+                        desc=f"{cfg.phase} {cfg.model.resolution}px", unit="step",
+                        dynamic_ncols=True)
+        self.last = start
+
+    def log(self, step: int, values: dict) -> None:
+        entry = {"step": step, **values, "time": time.time()}
+        with self.metrics.open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+        for k, v in values.items():
+            self.tb.add_scalar(f"train/{k}", float(v), step)
+        self.bar.set_postfix(loss=f"{values['loss']:.4f}",
+                             img_s=f"{values['images_per_s']:.1f}", refresh=False)
+        self.bar.update(step - self.last)
+        self.last = step
+
+    def grid(self, step: int, grid: Image.Image) -> None:
+        self.samples.mkdir(parents=True, exist_ok=True)
+        path = self.samples / f"step-{step:07d}.png"
+        tmp = path.with_suffix(".tmp.png")
+        grid.save(tmp)
+        tmp.replace(path)
+        self.tb.add_image("samples", torch.from_numpy(_to_array(grid)).permute(2, 0, 1), step)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.tb.close()
+
+
+def _truncate_metrics(path: Path, start: int) -> None:
+    """Drop log lines past `start` (written by an attempt that died before its checkpoint)."""
+    if not path.is_file():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip()
+            and json.loads(ln)["step"] <= start]
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def _to_array(img: Image.Image):
+    import numpy as np
+
+    return np.asarray(img.convert("RGB")).copy()
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling a labelled grid (used by the trainer and `greedygrow sample`)
+
+
+@torch.no_grad()
+def sample_grid(model: nn.Module, encoder, schedule: Schedule, prompts: list[str],
+                per_prompt: int, steps: int, sampler: str, guidance: float, seed: int,
+                device: torch.device | str = "cpu") -> Image.Image:
+    """One row per prompt, `per_prompt` images (seeds seed..seed+per_prompt−1), labelled."""
+    rows = []
+    res = model.shell_config.resolution
+    for prompt in prompts:
+        text = encoder.encode([prompt]).to(device)
+        denoise = uvit_denoiser(model, text.tokens, text.mask, text.pooled)
+        x = sample(denoise, (per_prompt, 3, res, res), schedule, steps=steps, sampler=sampler,
+                   guidance=guidance, seeds=[seed + j for j in range(per_prompt)], device=device)
+        rows.append(x.cpu())
+    return labelled_grid(rows, prompts)
+
+
+def labelled_grid(rows: list[Tensor], labels: list[str], min_cell: int = 96) -> Image.Image:
+    """A PNG-ready grid: each row of images [n,3,H,W] in [−1, 1] under its label."""
+    font = ImageFont.load_default()
+    h, w = rows[0].shape[-2:]
+    scale = max(1, math.ceil(min_cell / h))
+    cell_h, cell_w, label_h, pad = h * scale, w * scale, 16, 2
+    cols = max(r.shape[0] for r in rows)
+    width = max(cols * (cell_w + pad) + pad, 256)
+    canvas = Image.new("RGB", (width, len(rows) * (label_h + cell_h + pad) + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    y = pad
+    for images, label in zip(rows, labels, strict=True):
+        draw.text((pad, y + 2), label, fill="black", font=font)
+        y += label_h
+        for j, img in enumerate(images):
+            arr = ((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0)
+            tile = Image.fromarray(arr.numpy()).resize((cell_w, cell_h), Image.NEAREST)
+            canvas.paste(tile, (pad + j * (cell_w + pad), y))
+        y += cell_h + pad
+    return canvas
+
+
+# ---------------------------------------------------------------------------------------------
+# commands: sample, demo
+
+
+def sample_run(model_dir: str | Path, out: str | Path, prompts: list[str], steps: int = 50,
+               sampler: str = "dpmpp2m", guidance: float | None = None, seed: int = 0,
+               per_prompt: int = 4, resolution: int | None = None, ema: bool = True,
+               device: str = "auto") -> Path:
+    """Sample a labelled grid (one row per prompt) from an exported run; returns the PNG."""
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       "cpu" if device == "auto" else device)
+    model, meta = load_model(model_dir, ema=ema, device=dev)
+    if resolution is not None and resolution != model.shell_config.resolution:
+        raise ConfigError(
+            f"--resolution {resolution}: {model_dir} was trained at "
+            f"{model.shell_config.resolution} px and its core sees a fixed "
+            f"{model.core_config.grid}×{model.core_config.grid} grid; grow it to {resolution} "
+            "px with `greedygrow grow` to sample there")
+    encoder = load_text_encoder(meta["text_encoder"], meta["text_max_length"], dev)
+    grid = sample_grid(model, encoder, Schedule.from_dict(meta["schedule"]), prompts,
+                       per_prompt, steps, sampler,
+                       meta["guidance"] if guidance is None else guidance, seed, dev)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(out)
+    return out
+
+
+def _demo_settings(quick: bool) -> tuple[list[str], list[str], int]:
+    """(train-core overrides, grow overrides, grown resolution) of `greedygrow demo`."""
+    common = ["data.source=scenes", "run.precision=bf16", "data.workers=1", "run.log_every=5",
+              "run.sample_per_prompt=2", "run.sample_guidance=3.0"]
+    if quick:
+        core = [*common, "model.core=cpu-tiny", "model.resolution=32", "run.steps=30",
+                "run.batch_size=8", "run.checkpoint_every=15", "run.sample_every=0",
+                "run.sample_steps=8", "data.count=2000", "optim.warmup_steps=5"]
+        grown = [*common, "run.steps=12", "run.batch_size=4", "run.checkpoint_every=12",
+                 "run.sample_every=0", "run.sample_steps=8", "data.count=4000",
+                 "optim.warmup_steps=5"]
+        return core, grown, 64
+    core = [*common, "model.core=cpu-small", "model.resolution=32", "run.steps=1200",
+            "run.batch_size=32", "run.checkpoint_every=200", "run.sample_every=400",
+            "run.sample_steps=25", "data.count=100000", "optim.warmup_steps=100",
+            "optim.lr=5e-4", "optim.ema_decay=0.995"]
+    grown = [*common, "run.steps=150", "run.batch_size=16", "run.checkpoint_every=50",
+             "run.sample_every=0", "run.sample_steps=25", "data.count=100000",
+             "optim.warmup_steps=20", "optim.lr=5e-4", "optim.ema_decay=0.99"]
+    return core, grown, 64
+
+
+def demo(out: str | Path, quick: bool = False) -> dict[str, Path]:
+    """The whole method on scenes, CPU-sized: train a core at 32 px, grow it (greedy) to
+    64 px, sample held-out prompts. Running it again resumes. Returns what it wrote."""
+    from greedygrow.data.scenes import sample_scene
+
+    out = Path(out)
+    cache = f"data.text_cache_dir={out / 'text-cache'}"
+    core_over, grow_over, res = _demo_settings(quick)
+    t0 = time.time()
+    print(f"[demo] phase 1: training a Shallow-UViT core at 32 px -> {out / 'core'}")
+    train(train_core_config(None, [*core_over, cache]), out / "core")
+    print(f"[demo] phase 2: growing it to {res} px, core frozen (greedy) -> {out / 'grown'}")
+    train(grow_config(str(out / "core"), res, "greedy", None, None, [*grow_over, cache]),
+          out / "grown")
+    # held-out prompts: captions of scenes from a seed the training never saw
+    prompts = [sample_scene(7919, i).caption for i in range(3 if quick else 6)]
+    grid = sample_run(out / "grown", out / "samples.png", prompts, steps=8 if quick else 25,
+                      guidance=3.0, per_prompt=2 if quick else 4)
+    written = {"core run": out / "core", "grown run": out / "grown", "samples": grid,
+               "core metrics": out / "core" / "metrics.jsonl",
+               "grown metrics": out / "grown" / "metrics.jsonl",
+               "training grids": out / "grown" / "samples"}
+    print(f"[demo] done in {time.time() - t0:.0f} s. Wrote:")
+    for name, path in written.items():
+        print(f"  {name:15s} {path}")
+    print(f"  sample more:    greedygrow sample --model {out / 'grown'} --out more.png "
+          '"two red circles"')
+    print(f"  TensorBoard:    tensorboard --logdir {out}")
+    return written

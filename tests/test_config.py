@@ -1,0 +1,138 @@
+"""Typed configs: YAML presets load, bad keys and unreachable resolutions are refused early."""
+
+from pathlib import Path
+
+import pytest
+
+from greedygrow.config import (
+    Config,
+    ConfigError,
+    config_diff,
+    load_config,
+    read_config,
+    resolve,
+    save_config,
+    shell_config,
+    validate,
+)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _ready(overrides=(), config_file=None) -> Config:
+    cfg = resolve(load_config(config_file, overrides))
+    validate(cfg)
+    return cfg
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_preset_loads_and_validates(path):
+    cfg = load_config(path)
+    if path.name.startswith(("grow", "paper-grow")):
+        cfg = load_config(path, ["grow.mode=greedy", "grow.core=runs/core"])
+    validate(resolve(cfg))
+
+
+def test_defaults_are_a_valid_phase1_config():
+    cfg = _ready()
+    assert cfg.phase == "core" and cfg.data.min_native == 0
+    assert shell_config(cfg).kind == "shallow"
+
+
+def test_overrides_are_typed_and_applied():
+    cfg = _ready(["run.steps=7", "optim.lr=1e-3", "model.core_overrides.depth=2",
+                  "run.precision=bf16"])
+    assert cfg.run.steps == 7 and cfg.optim.lr == pytest.approx(1e-3)
+    assert cfg.model.core_overrides == {"depth": 2} and cfg.run.precision == "bf16"
+
+
+def test_unknown_key_on_command_line_is_refused_with_the_valid_keys():
+    with pytest.raises(ConfigError, match=r"run\.stepz.*Valid keys under 'run'.*steps"):
+        load_config(overrides=["run.stepz=10"])
+
+
+def test_unknown_section_is_refused():
+    with pytest.raises(ConfigError, match="optimizer"):
+        load_config(overrides=["optimizer.lr=1"])
+
+
+def test_unknown_key_in_yaml_file_is_refused_naming_the_file(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("run:\n  steps: 5\n  batchsize: 3\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*run\.batchsize"):
+        load_config(f)
+
+
+def test_wrong_type_is_refused():
+    with pytest.raises(ConfigError, match="run.steps"):
+        load_config(overrides=["run.steps=many"])
+
+
+def test_override_without_equals_is_refused():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(overrides=["run.steps"])
+
+
+def test_unknown_core_override_field_is_refused():
+    with pytest.raises(ConfigError, match=r"core_overrides.*widht"):
+        _ready(["model.core_overrides.widht=64"])
+
+
+def test_missing_config_file_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("overrides", [
+    ["model.resolution=48"],  # not grid × 2^k
+    ["grow.mode=greedy", "grow.core=x", "model.resolution=16"],  # grown shell needs ≥ 2G
+    ["grow.mode=greedy", "grow.core=x", "model.resolution=4096"],  # deeper than the family
+])
+def test_unreachable_resolution_is_refused(overrides):
+    with pytest.raises(ConfigError, match=r"model\.resolution=\d+ does not work.*(reach|grid)"):
+        _ready(overrides)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["data.caption_dropout=1.0"], "caption_dropout"),
+    (["run.precision=fp16"], "precision"),
+    (["optim.schedule=linear"], "optim.schedule"),
+    (["grow.mode=sideways", "grow.core=x"], "grow.mode"),
+    (["grow.mode=greedy"], "needs a phase-1 run"),
+    (["grow.mode=greedy", "grow.core=x", "grow.freeze_steps=10", "model.resolution=64"],
+     "unfreeze"),
+    (["data.source=folder"], "data.path"),
+    (["data.text_max_length=64"], "text_len"),
+])
+def test_invalid_values_are_refused(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        _ready(overrides)
+
+
+def test_grow_resolves_the_high_resolution_subset_and_freeze_steps():
+    greedy = _ready(["grow.mode=greedy", "grow.core=x", "model.resolution=128"])
+    assert greedy.data.min_native == 128 and greedy.grow.freeze_steps == -1
+    assert shell_config(greedy).kind == "grown"
+    unfreeze = _ready(["grow.mode=unfreeze", "grow.core=x", "model.resolution=64",
+                       "run.steps=400"])
+    assert unfreeze.grow.freeze_steps == 100
+    joint = _ready(["grow.mode=joint", "grow.core=x", "model.resolution=64"])
+    assert joint.grow.freeze_steps == 0
+
+
+def test_saved_config_reads_back_equal(tmp_path):
+    cfg = _ready(["run.steps=3", "model.core_overrides.depth=1",
+                  "model.shell_overrides.channels=[32]"])
+    save_config(cfg, tmp_path / "config.yaml")
+    back = read_config(tmp_path / "config.yaml")
+    assert back == cfg
+    assert shell_config(back).channels == (32,)
+
+
+def test_config_diff_names_the_keys_that_matter():
+    a = _ready(["run.steps=10", "optim.lr=1e-3"])
+    b = _ready(["run.steps=20", "optim.lr=2e-3", "model.core_overrides.depth=2"])
+    diff = config_diff(a, b)
+    assert any(d.startswith("optim.lr") for d in diff)
+    assert any(d.startswith("model.core_overrides") for d in diff)
+    assert not any(d.startswith("run.steps") for d in diff)  # extending a run is a resume

@@ -1,0 +1,217 @@
+"""The trainer: both phases, the four grow modes, resume after kill -9, refusals before work."""
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from greedygrow.checkpoint import CheckpointMismatch, list_states, load_core, state_path
+from greedygrow.cli import main
+from greedygrow.config import ConfigError
+from greedygrow.train import Env, Trainable, grow_config, train, train_core_config
+
+# A core small enough for a CPU step in milliseconds: 4×4 grid, 8 px shallow / 16 px grown.
+TINY = [
+    "model.core_overrides.width=32", "model.core_overrides.depth=1",
+    "model.core_overrides.heads=2", "model.core_overrides.grid=4",
+    "model.core_overrides.fourier_dim=32", "model.resolution=8",
+    "model.shell_overrides.channels=[16]", "data.count=200", "run.batch_size=4",
+    "run.log_every=1", "run.sample_every=0", "run.sample_steps=2", "run.sample_per_prompt=1",
+    "run.sample_prompts=[a red circle]", "run.progress=false", "optim.warmup_steps=2",
+    "optim.lr=1e-3", "run.deterministic=true",
+]
+GROW = ["model.shell_overrides.channels=[16,16]", "model.shell_overrides.blocks=[1,1]", "data.count=400", "run.batch_size=4",
+        "run.log_every=1", "run.sample_every=0", "run.sample_steps=2",
+        "run.sample_per_prompt=1", "run.sample_prompts=[a red circle]", "run.progress=false",
+        "optim.warmup_steps=2", "optim.lr=1e-3", "run.deterministic=true"]
+
+
+def _losses(run: Path) -> list[tuple[int, float]]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [(e["step"], e["loss"]) for e in map(json.loads, lines)]
+
+
+def _core_tensors(path: Path) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in load_file(path).items() if k.startswith("core.")}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> str:
+    return f"data.text_cache_dir={tmp_path_factory.mktemp('text-cache')}"
+
+
+@pytest.fixture(scope="module")
+def core_run(tmp_path_factory, cache) -> Path:
+    run = tmp_path_factory.mktemp("core")
+    train(train_core_config(None, [*TINY, "run.steps=3", cache]), run)
+    return run
+
+
+def _grow(core_run: Path, out: Path, mode: str, steps: int, cache: str, freeze=None, extra=()):
+    cfg = grow_config(str(core_run), 16, mode, freeze, None,
+                      [*GROW, f"run.steps={steps}", cache, *extra])
+    return train(cfg, out), cfg
+
+
+def test_train_core_writes_a_complete_run_folder(core_run):
+    for name in ("config.yaml", "model.safetensors", "model.json", "model-raw.safetensors",
+                 "metrics.jsonl"):
+        assert (core_run / name).is_file(), name
+    assert [s for s, _ in _losses(core_run)] == [1, 2, 3]
+    assert all(torch.isfinite(torch.tensor(loss)) for _, loss in _losses(core_run))
+    assert [s for s, _ in list_states(core_run)] == [3]
+    assert any((core_run / "tb").iterdir())
+    meta = json.loads((core_run / "model.json").read_text())
+    assert meta["phase"] == "core" and meta["step"] == 3 and meta["shell"]["kind"] == "shallow"
+    assert sorted(p.name for p in (core_run / "samples").iterdir()) == ["step-0000003.png"]
+
+
+def test_grow_keeps_core_weights(core_run, cache):
+    cfg = grow_config(str(core_run), 16, "joint", None, None, [*GROW, "run.steps=1", cache])
+    t = Trainable(cfg, Env(0, 1, torch.device("cpu")), 0, None)
+    _, core = load_core(core_run)
+    grown = t.model.core.state_dict()
+    assert grown.keys() == core.keys()
+    assert all(torch.equal(grown[k], core[k]) for k in core)
+    assert t.model.shell_config.kind == "grown" and t.model.shell_config.resolution == 16
+
+
+def test_greedy_leaves_core_bit_identical_after_training(core_run, tmp_path, cache):
+    run, cfg = _grow(core_run, tmp_path / "greedy", "greedy", 3, cache)
+    assert cfg.data.min_native == 16 and cfg.grow.freeze_steps == -1
+    before = _core_tensors(core_run / "model.safetensors")
+    for exported in ("model.safetensors", "model-raw.safetensors"):
+        after = _core_tensors(run / exported)
+        assert after.keys() == before.keys()
+        assert all(torch.equal(after[k], before[k]) for k in before), exported
+    state = torch.load(state_path(run, 3), weights_only=True)
+    optimized = set(state["optimizer"]["state"])
+    assert optimized and not any(str(k).startswith("core.") for k in optimized)
+    assert all(json.loads(x)["core_frozen"] for x in (run / "metrics.jsonl").read_text().split())
+
+
+def test_unfreeze_changes_core_only_after_freeze_steps(core_run, tmp_path, cache):
+    run, cfg = _grow(core_run, tmp_path / "unfreeze", "unfreeze", 4, cache, freeze=2,
+                     extra=["run.checkpoint_every=1", "run.keep=10"])
+    _, original = load_core(core_run)
+
+    def core_at(step):
+        model = torch.load(state_path(run, step), weights_only=True)["model"]
+        return {k[5:]: v for k, v in model.items() if k.startswith("core.")}
+
+    for step in (1, 2):
+        assert all(torch.equal(core_at(step)[k], original[k]) for k in original), step
+    for step in (3, 4):
+        assert not all(torch.equal(core_at(step)[k], original[k]) for k in original), step
+    frozen = [json.loads(x)["core_frozen"] for x in (run / "metrics.jsonl").read_text().split()]
+    assert frozen == [True, True, False, False]
+
+
+def test_scratch_mode_does_not_load_the_core(core_run, tmp_path, cache):
+    cfg = grow_config(str(core_run), 16, "scratch", None, None, [*GROW, "run.steps=1", cache])
+    t = Trainable(cfg, Env(0, 1, torch.device("cpu")), 0, None)
+    _, core = load_core(core_run)
+    assert not torch.equal(t.model.core.state_dict()["text_proj.weight"], core["text_proj.weight"])
+
+
+def test_mismatched_core_is_refused_naming_the_tensors(core_run, tmp_path, cache):
+    out = tmp_path / "mismatch"
+    cfg = grow_config(str(core_run), 16, "greedy", None, None,
+                      [*GROW, "run.steps=1", cache, "model.core=cpu-tiny",
+                       "model.core_overrides.width=64", "model.core_overrides.heads=2",
+                       "model.core_overrides.grid=4", "model.core_overrides.depth=1",
+                       "model.core_overrides.fourier_dim=32"])
+    with pytest.raises(CheckpointMismatch, match=r"width.*32.*64"):
+        train(cfg, out)
+    assert not (out / "config.yaml").exists()  # refused before the run folder is written
+
+
+def test_unknown_config_key_is_refused_before_any_work(tmp_path, capsys):
+    out = tmp_path / "run"
+    tic = time.perf_counter()
+    with pytest.raises(SystemExit) as e:
+        main(["train-core", "--out", str(out), *TINY, "run.stepz=3"])
+    assert e.value.code == 2 and not out.exists()
+    assert time.perf_counter() - tic < 5
+    assert "run.stepz" in capsys.readouterr().err
+
+
+def test_unreachable_resolution_is_refused_before_any_work(core_run, tmp_path, capsys):
+    out = tmp_path / "grown"
+    with pytest.raises(SystemExit) as e:
+        main(["grow", "--core", str(core_run), "--resolution", "24", "--out", str(out), *GROW])
+    assert e.value.code == 2 and not out.exists()
+    assert "model.resolution=24 does not work" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_different_config(core_run, cache):
+    with pytest.raises(ConfigError, match=r"optim\.lr"):
+        train(train_core_config(None, [*TINY, "run.steps=3", cache, "optim.lr=5e-4"]), core_run)
+
+
+def test_truncated_latest_checkpoint_falls_back_with_a_warning(tmp_path, cache, caplog):
+    over = [*TINY, "run.steps=4", "run.checkpoint_every=2", "run.keep=3", cache]
+    run = train(train_core_config(None, over), tmp_path / "run")
+    reference = _losses(run)
+    latest = state_path(run, 4)
+    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])
+    with caplog.at_level(logging.WARNING):
+        train(train_core_config(None, over), run)
+    assert any("unreadable" in r.getMessage() and "step-00000004" in r.getMessage()
+               for r in caplog.records)
+    assert _losses(run) == reference  # steps 3-4 retrained from step 2, identically
+    torch.load(state_path(run, 4), weights_only=True)  # rewritten whole
+
+
+def test_bf16_and_gradient_checkpointing_train(tmp_path, cache):
+    run = train(train_core_config(None, [*TINY, "run.steps=2", "run.precision=bf16",
+                                         "model.gradient_checkpointing=true", cache]),
+                tmp_path / "bf16")
+    assert all(torch.isfinite(torch.tensor(loss)) for _, loss in _losses(run))
+
+
+def test_sample_command_writes_a_labelled_grid(core_run, tmp_path):
+    out = tmp_path / "grid.png"
+    with pytest.raises(SystemExit) as e:
+        main(["sample", "--model", str(core_run), "--out", str(out), "a red circle",
+              "two blue squares", "--steps", "2", "--per-prompt", "3"])
+    assert e.value.code == 0
+    img = Image.open(out)
+    assert img.height > 2 * 96 and img.width >= 3 * 96  # two rows of three (upscaled) cells
+
+
+def _cli(run: Path, steps: int, cache: str) -> list[str]:
+    return [sys.executable, "-m", "greedygrow", "train-core", "--out", str(run), *TINY,
+            f"run.steps={steps}", "run.checkpoint_every=5", "run.keep=3", cache]
+
+
+def test_kill_9_then_rerun_resumes_with_the_uninterrupted_losses(tmp_path, cache):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    steps = 40
+    reference = tmp_path / "reference"
+    subprocess.run(_cli(reference, steps, cache), env=env, check=True, capture_output=True)
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(run, steps, cache), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not state_path(run, 10).exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = max(s for s, _ in list_states(run))
+    assert 10 <= killed_at < steps, "the run finished before it could be killed"
+    done = subprocess.run(_cli(run, steps, cache), env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert f"resuming {run} from step {killed_at}" in done.stderr
+    assert _losses(run) == _losses(reference)
+    a, b = load_file(run / "model-raw.safetensors"), load_file(reference / "model-raw.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
