@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import platform
 import tarfile
 import tempfile
@@ -65,21 +66,38 @@ def write_shards(out: Path, images: int, shards: int, size: tuple[int, int]) -> 
     return str(out / f"{{00000..{shards - 1:05d}}}.tar"), total_bytes / images / 1024
 
 
-def loader_rate(dataset, workers: int, batch: int, seconds: float) -> float:
-    """Images per second over about `seconds`, after the first batch."""
+def loader_rate(dataset, workers: int, batch: int, seconds: float) -> tuple[float, float | None]:
+    """Images per wall-clock second over about `seconds` after the first batch, and (without
+    workers, where all the work is in this process) images per CPU second of this process."""
     shuffle = not isinstance(dataset, IterableDataset)
     loader = DataLoader(dataset, batch_size=batch, shuffle=shuffle, num_workers=workers)
     it = iter(loader)
     next(it)  # worker start-up is not throughput
-    images, start = 0, time.perf_counter()
+    images, start, cpu = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - start < seconds:
         try:
             images += len(next(it)["key"])
         except StopIteration:
             break
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     del it
-    return images / elapsed
+    return images / elapsed, (images / cpu if workers == 0 else None)
+
+
+def table(rows: list[dict], workers: list[int]) -> str:
+    """Markdown: one line per (source, R), a column per worker count, then per CPU second."""
+    head = " | ".join(f"{w} workers" for w in workers)
+    lines = [
+        f"| source | R | min_native | {head} | per CPU s (0 workers) |",
+        "|---|---:|---:|" + "---:|" * (len(workers) + 1),
+    ]
+    for source, res in dict.fromkeys((r["source"], r["resolution"]) for r in rows):
+        cells = [r for r in rows if (r["source"], r["resolution"]) == (source, res)]
+        rates = " | ".join(f"{r['images_per_s']:.0f}" for r in cells)
+        cpu = next((r["images_per_cpu_s"] for r in cells if r["images_per_cpu_s"]), None)
+        cpu_text = "—" if cpu is None else f"{cpu:.0f}"
+        lines.append(f"| {source} | {res} | {cells[0]['min_native']} | {rates} | {cpu_text} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -106,7 +124,7 @@ def main() -> None:
                 else:
                     ds = make_dataset("webdataset", pattern, res, min_native=min_native)
                 for w in args.workers:
-                    rate = loader_rate(ds, w, args.batch, seconds)
+                    rate, per_cpu = loader_rate(ds, w, args.batch, seconds)
                     rows.append(
                         {
                             "source": source,
@@ -114,30 +132,18 @@ def main() -> None:
                             "min_native": min_native,
                             "workers": w,
                             "images_per_s": round(rate, 1),
+                            "images_per_cpu_s": per_cpu and round(per_cpu, 1),
                         }
                     )
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "machine": platform.processor() or platform.machine(),
-                    "cpus": torch.get_num_threads(),
-                    "rows": rows,
-                }
-            )
-        )
+        machine = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count()}
+        print(json.dumps({**machine, "jpeg_kb": round(kb, 1), "rows": rows}))
         return
     print(
         f"shards: {args.images} JPEGs 768×576 q90, {kb:.0f} KB each; batch {args.batch}; "
-        f"{seconds:.0f} s per measurement"
+        f"{seconds:.0f} s per measurement; load average {os.getloadavg()[0]:.1f}"
     )
-    print("| source | R | min_native | " + " | ".join(f"{w} workers" for w in args.workers) + " |")
-    print("|---|---|---|" + "---|" * len(args.workers))
-    for source in args.sources:
-        for res in args.resolutions:
-            cells = [r for r in rows if r["source"] == source and r["resolution"] == res]
-            rates = " | ".join(f"{r['images_per_s']:.0f}" for r in cells)
-            print(f"| {source} | {res} | {cells[0]['min_native']} | {rates} |")
+    print(table(rows, args.workers))
 
 
 if __name__ == "__main__":

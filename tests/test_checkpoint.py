@@ -104,6 +104,20 @@ def test_atomic_write_leaves_old_file_when_writer_fails(tmp_path):
     assert _files(tmp_path) == ["x.bin"]
 
 
+def test_atomic_write_gives_normal_file_permissions(tmp_path):
+    umask = os.umask(0)
+    os.umask(umask)
+    path = atomic_write(tmp_path / "x.bin", lambda f: f.write(b"x"))
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_export_removes_temp_files_of_a_killed_export(tmp_path, tiny_model):
+    (tmp_path / ".tmp-model.safetensors.abc").write_bytes(b"killed mid-write")
+    (tmp_path / ".tmp-model.json.def").write_bytes(b"killed mid-write")
+    export_model(tmp_path, tiny_model, {})
+    assert _files(tmp_path) == ["model.json", "model.safetensors"]
+
+
 def test_atomic_write_json_rejects_non_json_with_clear_error(tmp_path):
     with pytest.raises(TypeError, match=r"cannot write .*meta\.json as JSON"):
         atomic_write_json(tmp_path / "meta.json", {"x": object()})
@@ -268,6 +282,7 @@ def test_export_handles_tied_tensors(tmp_path):
     assert torch.equal(fresh.a.weight, model.a.weight)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_export_looks_through_compile_wrapper(tmp_path, tiny_model):
     compiled = torch.compile(tiny_model)
     assert unwrap_model(compiled) is tiny_model

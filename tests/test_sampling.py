@@ -6,6 +6,12 @@ import torch
 from greedygrow.diffusion import Schedule, alpha_sigma, schedule_for
 from greedygrow.sampling import SAMPLERS, sample, uvit_denoiser
 
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)  # unseeded draws (weights, test inputs) repeat from run to run
+
+
 SHAPE = (3, 3, 8, 8)
 
 
@@ -204,7 +210,11 @@ def test_uvit_denoiser_repeats_text_to_the_batch():
         seen.append((tokens, mask, pooled, drop_text))
         return z * 0
 
-    tokens, mask, pooled = torch.randn(2, 5, 4), torch.ones(2, 5, dtype=torch.bool), torch.randn(2, 4)
+    tokens, mask, pooled = (
+        torch.randn(2, 5, 4),
+        torch.ones(2, 5, dtype=torch.bool),
+        torch.randn(2, 4),
+    )
     mask[1, 3:] = False
     den = uvit_denoiser(model, tokens, mask, pooled)
     drop = torch.tensor([False, False, True, True])
@@ -239,3 +249,45 @@ def test_bad_arguments_raise_clear_errors():
         sample(toy, SHAPE, Schedule(), steps=0)
     with pytest.raises(ValueError, match="guidance_interval"):
         sample(toy, SHAPE, Schedule(), guidance=2.0, guidance_interval=(3.0, 1.0))
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run faster on one thread, and far faster on a machine shared with others."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_uvit():
+    from greedygrow.model import CoreConfig, UViT, shell_preset
+
+    torch.manual_seed(0)
+    core = CoreConfig(width=32, depth=1, heads=2, grid=4, text_dim=16, text_len=6, fourier_dim=16)
+    model = UViT(core, shell_preset("shallow", 8, "cpu", grid=4, channels=(16,))).eval()
+    with torch.no_grad():  # wake the zero-initialised gates and exit conv so v̂ ≠ 0
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0.0, 0.05)
+    return model
+
+
+def test_uvit_sampling_is_seeded_batch_independent_and_text_dependent(one_thread):
+    model = tiny_uvit()
+    g = torch.Generator().manual_seed(0)
+    tokens, pooled = torch.randn(3, 6, 16, generator=g), torch.randn(3, 16, generator=g)
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    mask[1, 2:] = False
+    kw = dict(schedule=schedule_for(8), steps=4, sampler="dpmpp2m", guidance=3.0)
+    batch = sample(uvit_denoiser(model, tokens, mask, pooled), (3, 3, 8, 8), seeds=[5, 6, 7], **kw)
+    again = sample(uvit_denoiser(model, tokens, mask, pooled), (3, 3, 8, 8), seeds=[5, 6, 7], **kw)
+    alone = sample(
+        uvit_denoiser(model, tokens[1:2], mask[1:2], pooled[1:2]), (1, 3, 8, 8), seeds=[6], **kw
+    )
+    assert torch.equal(batch, again)
+    torch.testing.assert_close(alone[0], batch[1], rtol=0, atol=1e-5)
+    other = sample(
+        uvit_denoiser(model, tokens[:1], mask[:1], pooled[:1]), (1, 3, 8, 8), seeds=[6], **kw
+    )
+    assert (other[0] - batch[1]).abs().max() > 1e-3  # same noise, other prompt → other image

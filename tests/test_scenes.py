@@ -282,6 +282,10 @@ def test_bad_arguments_raise_clear_errors():
         ScenesDataset(3, 64, min_native=1024)
     with pytest.raises(ValueError, match="format"):
         write_dataset("unused", 1, fmt="zip")
+    with pytest.raises(ValueError, match="merge them"):
+        make_scene([Group("red", "star", "plain", 1), Group("red", "star", "plain", 2)])
+    with pytest.raises(ValueError, match="1 to 5 objects"):
+        make_scene([Group("red", "star", "plain", 6)])
 
 
 @pytest.mark.parametrize("fmt", ["folder", "webdataset"])

@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+import struct
 import tarfile
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -57,6 +59,24 @@ def _truncated_jpeg() -> bytes:
     return data[: len(data) // 2]
 
 
+def _png16(pixels: np.ndarray) -> bytes:
+    """A 16-bit-per-channel RGB PNG (Pillow cannot write one), written chunk by chunk."""
+    h, w, _ = pixels.shape
+    raw = b"".join(b"\0" + pixels[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(tag + data)
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)  # 16 bits, colour type 2: RGB
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw))
+        + (chunk(b"IEND", b""))
+    )
+
+
 def _good_images() -> dict[str, bytes]:
     """name → encoded bytes of every image mode the readers must load."""
     rgba = Image.new("RGBA", (24, 24), (255, 0, 0, 0))  # fully transparent → white
@@ -64,10 +84,13 @@ def _good_images() -> dict[str, bytes]:
     palette.putpalette([0, 0, 0, 0, 255, 0] + [0] * 762)
     palette.paste(1, (0, 0, 12, 24))  # left half green, right half index 0 = transparent
     gray16 = Image.fromarray(np.full((24, 24), 25700, dtype=np.uint16))  # 25700 / 257 = 100
+    rgb16 = np.zeros((24, 24, 3), dtype=np.uint16)
+    rgb16[..., 0], rgb16[..., 1] = 25700, 65535
     return {
         "rgb.jpg": _encode(_halves(48, 24), "JPEG", quality=95),
         "cmyk.jpg": _encode(Image.new("CMYK", (24, 24), (0, 255, 255, 0)), "JPEG", quality=95),
         "gray16.png": _encode(gray16, "PNG"),
+        "rgb16.png": _png16(rgb16),
         "rgba.png": _encode(rgba, "PNG"),
         "palette.png": _encode(palette, "PNG", transparency=0),
         "la.png": _encode(Image.new("LA", (24, 24), (0, 255)), "PNG"),
@@ -208,6 +231,8 @@ def test_folder_loads_every_mode_and_skips_bad_files_by_reason(tmp_path):
     px = {k: v["image"][:, 8, 8] for k, v in loaded.items()}
     assert torch.allclose(px["rgba"], torch.ones(3))  # transparent composited on white
     assert torch.allclose(px["gray16"], torch.full((3,), 100 / 127.5 - 1), atol=1e-6)
+    rgb16 = torch.tensor([100 / 127.5 - 1, 1.0, -1.0])
+    assert torch.allclose(px["rgb16"], rgb16, atol=1e-6)
     assert px["cmyk"][0] > 0.9 and px["cmyk"][1:].max() < -0.8  # red
     assert px["la"].max() < -0.99  # opaque black
     pal = loaded["palette"]["image"]
@@ -354,6 +379,8 @@ def test_webdataset_min_native_uses_image_and_img2dataset_original_size(tmp_path
     ds = WebDatasetStream(str(tmp_path / "s.tar"), 16, train=False, min_native=64)
     assert [it["key"] for it in ds] == ["big"]
     assert (ds.skips.kept, ds.skips.below_min_native) == (1, 2)
+    every = {it["key"]: json.loads(it["meta"]) for it in WebDatasetStream(ds.urls, 16, False)}
+    assert every["upscaled"]["native_size"] == [30, 90] and every["big"]["native_size"] == [64, 80]
 
 
 @pytest.mark.parametrize("sizes", [[4, 3, 5, 2, 4], [6, 5, 7]])  # 5 and 3 shards, 4 consumers

@@ -96,7 +96,7 @@ def test_greedy_leaves_core_bit_identical_after_training(core_run, tmp_path, cac
     state = torch.load(state_path(run, 3), weights_only=True)
     optimized = set(state["optimizer"]["state"])
     assert optimized and not any(str(k).startswith("core.") for k in optimized)
-    assert all(json.loads(x)["core_frozen"] for x in (run / "metrics.jsonl").read_text().split())
+    assert all(json.loads(x)["core_frozen"] for x in (run / "metrics.jsonl").read_text().splitlines())
 
 
 def test_unfreeze_changes_core_only_after_freeze_steps(core_run, tmp_path, cache):
@@ -112,7 +112,7 @@ def test_unfreeze_changes_core_only_after_freeze_steps(core_run, tmp_path, cache
         assert all(torch.equal(core_at(step)[k], original[k]) for k in original), step
     for step in (3, 4):
         assert not all(torch.equal(core_at(step)[k], original[k]) for k in original), step
-    frozen = [json.loads(x)["core_frozen"] for x in (run / "metrics.jsonl").read_text().split()]
+    frozen = [json.loads(x)["core_frozen"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert frozen == [True, True, False, False]
 
 
@@ -189,16 +189,25 @@ def test_sample_command_writes_a_labelled_grid(core_run, tmp_path):
     assert img.height > 2 * 96 and img.width >= 3 * 96  # two rows of three (upscaled) cells
 
 
+def _resumable(steps: int, cache: str) -> list[str]:
+    return [*TINY, f"run.steps={steps}", "run.checkpoint_every=5", "run.keep=3", cache]
+
+
 def _cli(run: Path, steps: int, cache: str) -> list[str]:
-    return [sys.executable, "-m", "greedygrow", "train-core", "--out", str(run), *TINY,
-            f"run.steps={steps}", "run.checkpoint_every=5", "run.keep=3", cache]
+    return [sys.executable, "-m", "greedygrow", "train-core", "--out", str(run),
+            *_resumable(steps, cache)]
 
 
 def test_kill_9_then_rerun_resumes_with_the_uninterrupted_losses(tmp_path, cache):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     steps = 40
     reference = tmp_path / "reference"
-    subprocess.run(_cli(reference, steps, cache), env=env, check=True, capture_output=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the subprocesses (OMP_NUM_THREADS=1)
+    try:
+        train(train_core_config(None, _resumable(steps, cache)), reference)
+    finally:
+        torch.set_num_threads(threads)
     run = tmp_path / "killed"
     proc = subprocess.Popen(_cli(run, steps, cache), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)

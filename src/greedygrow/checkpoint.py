@@ -66,11 +66,19 @@ def _fsync_dir(directory: Path) -> None:
     except OSError:
         return
     try:
-        os.fsync(fd)
-    except OSError:
-        pass
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_current_umask()  # what open() would give; mkstemp alone gives 0o600
 
 
 def atomic_write(path: str | os.PathLike, write_fn: Callable[[IO[bytes]], Any]) -> Path:
@@ -84,6 +92,7 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[IO[bytes]], Any]) 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{_TMP_PREFIX}{path.name}.")
     try:
+        os.chmod(tmp, _FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             write_fn(f)
             f.flush()
@@ -119,9 +128,9 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, text + "\n")
 
 
-def _remove_stale_temps(directory: Path) -> None:
-    """Remove temp files left by a writer that was killed mid-write."""
-    for p in directory.glob(f"{_TMP_PREFIX}*"):
+def _remove_stale_temps(directory: Path, name: str = "") -> None:
+    """Remove temp files (of ``name``, or all) left by a writer that was killed mid-write."""
+    for p in directory.glob(f"{_TMP_PREFIX}{name}*"):
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
 
@@ -315,6 +324,8 @@ def export_model(
         weights, safetensors_bytes(tensors, metadata={"format": "pt", META_KEY: meta_text})
     )
     atomic_write_json(run_dir / f"{name}.json", meta)
+    for suffix in (".safetensors.", ".json."):
+        _remove_stale_temps(run_dir, name + suffix)
     return weights
 
 

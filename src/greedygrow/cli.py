@@ -15,10 +15,41 @@ from collections.abc import Callable
 
 def _add_info(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.add_argument("--family", choices=["cpu", "paper"], default=None,
+                   help="only the presets of this family (default: all)")
 
 
 def _run_info(args: argparse.Namespace) -> int:
-    raise NotImplementedError("info: owned by the model work")
+    import json
+
+    from greedygrow.model import CORE_PRESETS, SHELL_PRESETS, preset_family, preset_table
+
+    rows = preset_table(args.family)
+    cores = {k: v for k, v in CORE_PRESETS.items() if args.family in (None, preset_family(k))}
+    shells = {k: v for k, v in SHELL_PRESETS.items() if args.family in (None, preset_family(k))}
+    if args.json:
+        print(json.dumps({
+            "cores": {k: v.to_dict() for k, v in cores.items()},
+            "shells": {k: v.to_dict() for k, v in shells.items()},
+            "table": rows,
+        }, indent=2))
+        return 0
+    print("core presets (width × depth, heads, grid):")
+    for name, c in cores.items():
+        print(f"  {name:<12} {c.width} × {c.depth}, {c.heads} heads, {c.grid}×{c.grid} grid")
+    print("shell presets (channels per level from R down; ResBlocks per level):")
+    for name, s in shells.items():
+        print(f"  {name:<18} {s.kind:<7} {s.resolution:>4} px  {s.channels}  {s.blocks}")
+    print("\nparameters and forward FLOPs per image (GFLOPs; 1 multiply-add = 2 FLOPs)")
+    head = ("core", "shell", "R", "core params", "shell params", "core GF", "shell GF",
+            "total GF")
+    print(f"{head[0]:<12} {head[1]:<18} {head[2]:>5} " + " ".join(f"{h:>12}" for h in head[3:]))
+    for r in rows:
+        print(f"{r['core']:<12} {r['shell']:<18} {r['resolution']:>5} "
+              f"{r['core_params'] / 1e6:>11.1f}M {r['shell_params'] / 1e6:>11.2f}M "
+              f"{r['core_flops'] / 1e9:>12.2f} {r['shell_flops'] / 1e9:>12.2f} "
+              f"{r['flops_per_image'] / 1e9:>12.2f}")
+    return 0
 
 
 def _add_scenes(p: argparse.ArgumentParser) -> None:
@@ -47,13 +78,91 @@ def _run_scenes(args: argparse.Namespace) -> int:
 
 
 def _add_encode_text(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="data set: scenes, a folder or shard pattern")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="scenes:COUNT, an image folder, or webdataset shards (pattern, list or folder of "
+        ".tar); prefix folder: or webdataset: to force the reader",
+    )
     p.add_argument("--cache", required=True, help="embedding cache directory")
     p.add_argument("--encoder", default="minilm", help="minilm or hf:<name-or-path>")
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=32,
+        help="text tokens kept per caption (must equal the model's text_len)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="scenes seed")
+    p.add_argument("--batch-size", type=int, default=64, help="captions per encoder forward")
+    p.add_argument("--device", default="cpu", help="device for the text encoder")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="DataLoader workers for webdataset shards (their images are decoded)",
+    )
 
 
 def _run_encode_text(args: argparse.Namespace) -> int:
-    raise NotImplementedError("encode-text: owned by the text work")
+    import glob
+    import itertools
+    import os
+    import time
+
+    from greedygrow.data import make_dataset, sample_scene
+    from greedygrow.text import CachedTextEncoder, load_text_encoder
+
+    spec = args.data
+    source, _, rest = spec.partition(":")
+    if source == "scenes":
+        if not rest.isdigit() or int(rest) < 1:
+            raise SystemExit(f"encode-text: --data {spec!r}: scenes need a count: scenes:10000")
+        dataset = make_dataset("scenes", None, 32, train=False, seed=args.seed, count=int(rest))
+        # captions only: scene i's caption needs no rendering
+        captions = (sample_scene(dataset.seed, int(i)).caption for i in dataset.indices)
+    else:
+        if source in ("folder", "webdataset") and rest:
+            path = rest
+        else:
+            path = spec
+            tars = glob.glob(os.path.join(path, "*.tar")) if os.path.isdir(path) else []
+            source = "webdataset" if tars or ".tar" in path else "folder"
+            if source == "folder" and not os.path.isdir(path):
+                raise SystemExit(
+                    f"encode-text: --data {spec!r} is neither scenes:COUNT, a folder, nor "
+                    "webdataset shards (a .tar pattern such as data/{00000..00009}.tar)"
+                )
+        dataset = make_dataset(source, path, 32, train=False, seed=args.seed)
+        if source == "folder":  # captions were read while indexing: no image decoding
+            captions = (item.caption for item in dataset.items)
+        else:
+            import torch
+
+            loader = torch.utils.data.DataLoader(
+                dataset, batch_size=None, num_workers=args.workers, collate_fn=None
+            )
+            captions = (item["caption"] for item in loader if item is not None)
+
+    encoder = load_text_encoder(
+        args.encoder, max_length=args.max_length, device=args.device, batch_size=args.batch_size
+    )
+    total, start = 0, time.perf_counter()
+    with CachedTextEncoder(encoder, args.cache, shard_size=4096) as cached:
+        while chunk := list(itertools.islice(captions, 4096)):
+            cached.encode(chunk)
+            total += len(chunk)
+            print(f"\r{total} captions, {cached.misses} encoded", end="", file=sys.stderr)
+    print(file=sys.stderr)
+    seconds = time.perf_counter() - start
+    rate = f"{cached.misses / seconds:.1f} captions/s" if cached.misses else "nothing to encode"
+    print(f"encoder {encoder.id} on {args.device}")
+    print(
+        f"captions: {total}; encoded now: {cached.misses} distinct new captions in "
+        f"{seconds:.1f} s ({rate}); the other {total - cached.misses} were cached or repeats"
+    )
+    size_mib = cached.size_bytes() / 2**20
+    print(f"cache: {cached.directory}: {len(cached)} entries, {size_mib:.1f} MiB")
+    return 0
 
 
 def _add_train_core(p: argparse.ArgumentParser) -> None:

@@ -52,8 +52,7 @@ class Schedule:
                 raise ValueError(f"Schedule.{name}={getattr(self, name)} must be a positive int")
         if not self.logsnr_min < self.logsnr_max:
             raise ValueError(
-                f"Schedule: logsnr_min={self.logsnr_min} must be below "
-                f"logsnr_max={self.logsnr_max}"
+                f"Schedule: logsnr_min={self.logsnr_min} must be below logsnr_max={self.logsnr_max}"
             )
 
     def logsnr(self, t: Tensor | float) -> Tensor:
@@ -186,6 +185,8 @@ def training_loss(
     multiscale: bool = False,
     generator: torch.Generator | None = None,
     low_discrepancy: bool = False,
+    t: Tensor | None = None,
+    noise: Tensor | None = None,
     **weighting_kw: float,
 ) -> Tensor:
     """Per-sample diffusion loss [B] for clean images x [B, ...]; `denoise(z, logsnr) -> v̂`.
@@ -193,7 +194,8 @@ def training_loss(
     weighting: "v_mse" (plain v-MSE), "sigmoid" (ε-MSE weighted by sigmoid(bias − λ), kw
     `bias`, default SIGMOID_BIAS) or "min_snr" (kw `gamma`, default 5). t ~ U(0, 1) per
     sample, or stratified (`low_discrepancy`). Randomness comes from `generator` if given
-    (drawn on its device, then moved to x's).
+    (drawn on its device, then moved to x's). Passing `t` [B] and/or `noise` (x's shape)
+    uses them instead of drawing (e.g. per-sample seeds that survive a resume).
     """
     allowed = {"v_mse": set(), "sigmoid": {"bias"}, "min_snr": {"gamma"}}
     if weighting not in allowed:
@@ -205,13 +207,20 @@ def training_loss(
         )
     b = x.shape[0]
     rng = generator.device if generator is not None else x.device
-    if low_discrepancy:
+    if t is None and low_discrepancy:
         # t_i = (u + i/B) mod 1: one uniform draw, stratified over the batch (VDM, Kingma 2021)
         u = torch.rand((), generator=generator, device=rng, dtype=torch.float64)
         t = (u + torch.arange(b, device=rng, dtype=torch.float64) / b) % 1.0
-    else:
+    elif t is None:
         t = torch.rand(b, generator=generator, device=rng, dtype=torch.float64)
-    noise = torch.randn(x.shape, generator=generator, device=rng, dtype=x.dtype).to(x.device)
+    if noise is None:
+        noise = torch.randn(x.shape, generator=generator, device=rng, dtype=x.dtype)
+    if t.shape != (b,) or noise.shape != x.shape:
+        raise ValueError(
+            f"training_loss: t {tuple(t.shape)} must be [{b}] and noise {tuple(noise.shape)} "
+            f"must match x {tuple(x.shape)}"
+        )
+    noise = noise.to(x.device)
     logsnr = schedule.logsnr(t).to(device=x.device, dtype=torch.float32)
     z = add_noise(x, noise, logsnr)
     v_hat = denoise(z, logsnr)

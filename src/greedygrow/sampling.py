@@ -33,7 +33,7 @@ def uvit_denoiser(
 
     The text batch b is one prompt for all images (b = 1) or one per image; it is tiled along
     the batch to whatever N the sampler asks for (N = B, or 2B for [cond; uncond]), so N must
-    be a multiple of b.
+    be a multiple of b. The model's mode is left alone: call `model.eval()` (no dropout) first.
     """
     b = text_tokens.shape[0]
     if text_tokens.ndim != 3 or text_mask.shape != text_tokens.shape[:2]:

@@ -313,7 +313,7 @@ def load_text_encoder(
             "all-MiniLM-L6-v2) or 'hf:<hub-name-or-local-dir>', e.g. hf:google/t5-v1_1-base"
         )
     with _quiet_transformers():
-        model, tokenizer, head = _load_hf(spec, source, local_only)
+        model, tokenizer, head = _load_hf(spec, source, local_only, dtype)
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and max_length > limit:
         raise ValueError(
@@ -351,8 +351,10 @@ def _minilm_dir() -> str:
     return str(path)
 
 
-def _load_hf(spec: str, source: str, local_only: bool) -> tuple[Any, Any, dict[str, Any]]:
-    """Model, tokenizer and pooled-embedding recipe for a local dir or hub name."""
+def _load_hf(
+    spec: str, source: str, local_only: bool, dtype: torch.dtype
+) -> tuple[Any, Any, dict[str, Any]]:
+    """Model (loaded straight in `dtype`), tokenizer and pooled-embedding recipe."""
     import transformers as tf
 
     is_dir = os.path.isdir(source)
@@ -373,18 +375,25 @@ def _load_hf(spec: str, source: str, local_only: bool) -> tuple[Any, Any, dict[s
     if sub:
         config = tf.AutoConfig.from_pretrained(source, **kw, **sub)
     kind = config.model_type
+    major = int(tf.__version__.split(".")[0])
+    load = {
+        **kw,
+        **sub,
+        "output_loading_info": True,
+        ("dtype" if major >= 5 else "torch_dtype"): dtype,
+    }
     head: dict[str, Any] = {"pooling": "mean", "normalize": False, "pooled_output": None}
     allowed_missing = ("pooler.",)  # BERT's pooler is unused: pooled comes from the states
     try:
         if kind in ("t5", "mt5", "umt5"):
             cls = {"t5": tf.T5EncoderModel, "mt5": tf.MT5EncoderModel, "umt5": tf.UMT5EncoderModel}
-            model, info = cls[kind].from_pretrained(source, output_loading_info=True, **kw, **sub)
+            model, info = cls[kind].from_pretrained(source, **load)
         elif kind in ("clip", "clip_text_model"):
             text_cfg = config.text_config if kind == "clip" else config
             if kind == "clip":
                 text_cfg.projection_dim = config.projection_dim
             model, info = tf.CLIPTextModelWithProjection.from_pretrained(
-                source, config=text_cfg, output_loading_info=True, **kw, **sub
+                source, config=text_cfg, **load
             )
             has_proj = "text_projection.weight" not in info["missing_keys"]
             same_dim = text_cfg.projection_dim == text_cfg.hidden_size
@@ -398,9 +407,7 @@ def _load_hf(spec: str, source: str, local_only: bool) -> tuple[Any, Any, dict[s
                 "sentence-transformers folders"
             )
         else:
-            model, info = tf.AutoModel.from_pretrained(
-                source, output_loading_info=True, **kw, **sub
-            )
+            model, info = tf.AutoModel.from_pretrained(source, **load)
             if config.is_encoder_decoder:
                 model = model.get_encoder()
     except OSError as e:
@@ -588,10 +595,10 @@ def cache_subdir(encoder_id: str) -> str:
 
 
 class _Shard:
-    """One immutable shard file: its path, keys and token offsets."""
+    """One immutable shard file: its path, keys, token offsets and entry checksums."""
 
-    def __init__(self, path: Path, keys: list[str], offsets: np.ndarray) -> None:
-        self.path, self.keys, self.offsets = path, keys, offsets
+    def __init__(self, path: Path, keys: list[str], offsets: np.ndarray, crc: np.ndarray) -> None:
+        self.path, self.keys, self.offsets, self.crc = path, keys, offsets, crc
 
 
 class _ShardStore:
@@ -641,44 +648,45 @@ class _ShardStore:
         from safetensors import safe_open
 
         try:
-            with safe_open(str(path), "pt") as f:
+            with safe_open(str(path), "np") as f:
                 meta = f.metadata() or {}
                 keys = json.loads(meta.get("keys", "null"))
-                offsets = f.get_tensor("offsets").numpy()
+                offsets, crc = f.get_tensor("offsets"), f.get_tensor("crc")
                 n_tok, dim = f.get_slice("tokens").get_shape()
                 pooled_shape = f.get_slice("pooled").get_shape()
-                crc_shape = f.get_slice("crc").get_shape()
         except FileNotFoundError:
             return None  # removed since the listing
         except Exception as e:  # any unreadable file: safetensors, JSON or key errors
             self._quarantine(path, f"unreadable ({_first_line(e)})")
             return None
         n = len(keys) if isinstance(keys, list) else -1
-        problem = (
-            "written by another encoder"
-            if meta.get("encoder") != self.encoder_id
-            else "bad format"
-            if meta.get("format") != _CACHE_FORMAT
-            else "wrong embedding width"
-            if dim != self.dim
-            else "inconsistent sizes"
-            if (
-                n < 0
-                or pooled_shape != [n, dim]
-                or crc_shape != [n]
-                or len(offsets) != n + 1
-                or offsets[0] != 0
-                or offsets[-1] != n_tok
-                or np.any(np.diff(offsets) < 1)
+        if meta.get("format") != _CACHE_FORMAT or meta.get("encoder") != self.encoder_id:
+            found = f"{meta.get('format')} by {meta.get('encoder')}"
+            warnings.warn(
+                f"text embedding cache: skipping shard {path}: it is {found}, not "
+                f"{_CACHE_FORMAT} by {self.encoder_id}",
+                stacklevel=5,
             )
-            else None
-        )
-        if problem:
-            self._quarantine(path, problem)
             return None
-        return _Shard(path, keys, offsets)
+        if dim != self.dim:
+            problem = "wrong embedding width"
+        elif (
+            n < 0
+            or pooled_shape != [n, dim]
+            or crc.shape != (n,)
+            or offsets.shape != (n + 1,)
+            or offsets[0] != 0
+            or offsets[-1] != n_tok
+            or np.any(np.diff(offsets) < 1)
+        ):
+            problem = "inconsistent sizes"
+        else:
+            return _Shard(path, keys, offsets, crc)
+        self._quarantine(path, problem)
+        return None
 
     def _quarantine(self, path: Path, reason: str) -> None:
+        """Warn and rename a damaged shard to *.bad so that no process reads it again."""
         warnings.warn(
             f"text embedding cache: ignoring shard {path} ({reason}); its captions will be "
             "re-encoded. The file is renamed to *.bad",
@@ -706,27 +714,27 @@ class _ShardStore:
 
     def _read(self, shard: _Shard, row: int) -> tuple[Tensor, Tensor] | None:
         try:
-            f = self._handle(shard)
-            a, b = int(shard.offsets[row]), int(shard.offsets[row + 1])
-            tokens = f.get_slice("tokens")[a:b]
-            pooled = f.get_slice("pooled")[row : row + 1][0]
-            crc = int(f.get_slice("crc")[row : row + 1][0])
+            tokens_slice, pooled_slice = self._handle(shard)
+            tokens = tokens_slice[int(shard.offsets[row]) : int(shard.offsets[row + 1])]
+            pooled = pooled_slice[row : row + 1][0]
         except Exception as e:  # file gone or damaged since it was indexed
             self._drop(shard, f"unreadable ({_first_line(e)})")
             return None
-        if _entry_crc(tokens, pooled) != crc:
+        if _entry_crc(tokens, pooled) != int(shard.crc[row]):
             self._drop(shard, f"checksum mismatch at entry {row}")
             return None
-        return tokens, pooled
+        return torch.from_numpy(tokens), torch.from_numpy(pooled)
 
-    def _handle(self, shard: _Shard) -> Any:
-        from safetensors import safe_open
-
+    def _handle(self, shard: _Shard) -> tuple[Any, Any]:
+        """Lazy (memory-mapped) slices of a shard's tokens and pooled; the 32 latest stay open."""
         name = shard.path.name
         if name in self._handles:
             self._handles.move_to_end(name)
         else:
-            self._handles[name] = safe_open(str(shard.path), "pt")
+            from safetensors import safe_open
+
+            f = safe_open(str(shard.path), "np")  # numpy slices are ~3x faster than "pt" ones
+            self._handles[name] = (f.get_slice("tokens"), f.get_slice("pooled"))
             if len(self._handles) > 32:
                 self._handles.popitem(last=False)
         return self._handles[name]
@@ -760,8 +768,9 @@ class _ShardStore:
         toks = [entries[k][0] for k in keys]
         pooled = torch.stack([entries[k][1] for k in keys])
         offsets = np.concatenate([[0], np.cumsum([t.shape[0] for t in toks])])
-        crc = torch.tensor(
-            [_entry_crc(t, p) for t, p in zip(toks, pooled, strict=True)], dtype=torch.int64
+        crc = np.array(
+            [_entry_crc(t.numpy(), p.numpy()) for t, p in zip(toks, pooled, strict=True)],
+            dtype=np.int64,
         )
         name = f"shard-{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}.safetensors"
         final, tmp = self.directory / name, self.directory / f".tmp-{name}"
@@ -772,7 +781,7 @@ class _ShardStore:
                     "tokens": torch.cat(toks).contiguous(),
                     "pooled": pooled.contiguous(),
                     "offsets": torch.from_numpy(offsets).to(torch.int64),
-                    "crc": crc,
+                    "crc": torch.from_numpy(crc),
                 },
                 str(tmp),
                 metadata=meta,
@@ -789,7 +798,7 @@ class _ShardStore:
             )
             return
         self._seen.add(name)
-        shard = _Shard(final, keys, offsets)
+        shard = _Shard(final, keys, offsets, crc)
         self._shards[name] = shard
         for row, key in enumerate(keys):
             self._index.setdefault(key, (shard, row))
@@ -798,10 +807,10 @@ class _ShardStore:
         return sum(s.path.stat().st_size for s in self._shards.values() if s.path.exists())
 
 
-def _entry_crc(tokens: Tensor, pooled: Tensor) -> int:
+def _entry_crc(tokens: np.ndarray, pooled: np.ndarray) -> int:
     """CRC-32 of an entry's float32 bytes (tokens, then pooled)."""
-    crc = zlib.crc32(tokens.float().contiguous().numpy().tobytes())
-    return zlib.crc32(pooled.float().contiguous().numpy().tobytes(), crc)
+    crc = zlib.crc32(np.ascontiguousarray(tokens, dtype=np.float32))
+    return zlib.crc32(np.ascontiguousarray(pooled, dtype=np.float32), crc)
 
 
 class CachedTextEncoder:
@@ -893,4 +902,4 @@ class CachedTextEncoder:
                 f"CachedTextEncoder: encoder {self.id} returned a mask that is not a non-empty "
                 "prefix (padding must be on the right); it cannot be cached"
             )
-        return fresh.tokens[i, :real].clone(), fresh.pooled[i].clone()
+        return fresh.tokens[i, :real].float().clone(), fresh.pooled[i].float().clone()

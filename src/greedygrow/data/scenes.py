@@ -64,7 +64,8 @@ TEMPLATES: tuple[str, ...] = (
 )
 
 # Native resolution: log-uniform within octaves [lo, 2 lo) with these probabilities — most
-# images below 128 px, a few percent at 512 px or more, like web alt-text data.
+# images below 128 px, a few percent at 512 px or more (a long-tailed, web-like mix; the
+# 512 px subset is small, as the phase-2 filter expects).
 NATIVE_OCTAVES: tuple[tuple[int, float], ...] = (
     (32, 0.30),
     (64, 0.38),
@@ -479,6 +480,8 @@ def make_scene(
         )
     for i, g in enumerate(groups):
         _check_object({**asdict(g), "box": [0, 0, 1, 1]}, i)
+    if len({_group_key(g) for g in groups}) != len(groups):
+        raise ValueError("make_scene: two groups share colour, shape and attribute; merge them")
     if background not in BACKGROUNDS:
         raise ValueError(f"unknown background {background!r}; expected one of {list(BACKGROUNDS)}")
     rng = np.random.default_rng([seed, 0x6D616B65])
@@ -711,12 +714,8 @@ class ScenesDataset(Dataset):
         _check_resolution(resolution)
         _check_seed(seed)
         _check_min_native(min_native)
-        self.resolution, self.seed, self.min_native, self.train = (
-            resolution,
-            seed,
-            min_native,
-            train,
-        )
+        self.resolution, self.seed = resolution, seed
+        self.min_native, self.train = min_native, train
         self.total = int(count)
         self.indices = np.flatnonzero(native_resolutions(seed, np.arange(count)) >= min_native)
         if len(self.indices) == 0:
@@ -776,12 +775,8 @@ class ScenesStream(IterableDataset):
         _check_min_native(min_native)
         if start < 0:
             raise ValueError(f"ScenesStream start must be >= 0, got {start}")
-        self.resolution, self.seed, self.min_native, self.train = (
-            resolution,
-            seed,
-            min_native,
-            train,
-        )
+        self.resolution, self.seed = resolution, seed
+        self.min_native, self.train = min_native, train
         self.start, self.rank, self.world_size = start, rank, world_size
 
     def _rank_world(self) -> tuple[int, int]:

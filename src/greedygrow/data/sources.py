@@ -180,7 +180,7 @@ def _meta(**fields: Any) -> str:
     return json.dumps(fields)
 
 
-def _read_caption(data: bytes, json_data: bytes | None) -> tuple[str | None, str]:
+def _read_caption(data: bytes | None, json_data: bytes | None) -> tuple[str | None, str]:
     """Caption from a .txt payload, else from a .json payload's "caption".
 
     Returns (caption, reason): caption None with a skip reason when there is no usable caption.
@@ -313,6 +313,7 @@ class FolderDataset(Dataset):
     from headers only (Pillow opens lazily), so the ``min_native`` filter is cheap; ``count``
     keeps a seeded random subset of that many images. ``__getitem__`` returns ``None`` for an
     image that fails to decode at load time; use `skip_none_collate` (module docstring).
+    Training crops draw from Python's `random`, which DataLoader seeds in every worker.
     """
 
     collate_fn = staticmethod(skip_none_collate)
@@ -620,8 +621,10 @@ class WebDatasetStream(IterableDataset):
             except Exception as e:  # decoding failures are bad input: count, warn, skip
                 self.skips.skip("corrupt_image", f"{where}.{ext}", f"{type(e).__name__}: {e}")
                 return None
-        if original is not None:
-            size = (min(size[0], original[0]), min(size[1], original[1]))
+        if original is not None and min(original) < min(size):  # img2dataset upscaled it
+            size = (
+                original if (original[0] >= original[1]) == (size[0] >= size[1]) else original[::-1]
+            )
         self.skips.keep()
         return {
             "image": image,

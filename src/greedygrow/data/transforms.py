@@ -87,8 +87,11 @@ def crop_box(
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
     """8-bit RGB PIL image → float32 [3, H, W]; x = p / 127.5 − 1 maps [0, 255] to [−1, 1]."""
-    a = torch.from_numpy(np.array(img, dtype=np.uint8, copy=True))
-    return a.permute(2, 0, 1).contiguous().to(torch.float32).div_(127.5).sub_(1.0)
+    a = np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
+    out = np.empty(a.shape, dtype=np.float32)  # numpy, not torch ops: single-threaded by design
+    np.divide(a, np.float32(127.5), out=out)
+    out -= 1.0
+    return torch.from_numpy(out)
 
 
 def prepare_image(

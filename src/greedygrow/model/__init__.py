@@ -8,6 +8,7 @@ from greedygrow.model.presets import (
     SHELL_PRESETS,
     ShellFamily,
     core_preset,
+    preset_family,
     preset_table,
     shell_preset,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "count_flops",
     "count_parameters",
     "flop_counter",
+    "preset_family",
     "preset_table",
     "shell_preset",
 ]

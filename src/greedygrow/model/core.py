@@ -44,8 +44,16 @@ class CoreConfig:
     fourier_dim: int = 256  # Fourier features of λ
 
     def __post_init__(self) -> None:
-        for name in ("width", "depth", "heads", "grid", "text_dim", "text_len", "null_tokens",
-                     "fourier_dim"):
+        for name in (
+            "width",
+            "depth",
+            "heads",
+            "grid",
+            "text_dim",
+            "text_len",
+            "null_tokens",
+            "fourier_dim",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"CoreConfig.{name} must be a positive int, got {value!r}")
@@ -155,6 +163,11 @@ class Block(nn.Module):
         self.cross = CrossAttention(d, config.heads)
         self.mlp = MLP(d, round(d * config.mlp_ratio))
         self.gradient_checkpointing = False
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.zeros_(self.modulation.weight)
 
     def forward(self, x: Tensor, emb: Tensor, text: Tensor, text_mask: Tensor) -> Tensor:
         return checkpointed(self._forward, self.gradient_checkpointing, x, emb, text, text_mask)
@@ -186,17 +199,15 @@ class Core(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
         for mlp in (self.logsnr_mlp, self.pooled_mlp):
             for m in mlp:
                 if isinstance(m, nn.Linear):
                     nn.init.normal_(m.weight, std=0.02)
-        for m in [*(b.modulation for b in self.blocks), self.final_modulation]:
-            nn.init.zeros_(m.weight)
-            nn.init.zeros_(m.bias)
+                    nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.text_proj.weight)
+        nn.init.zeros_(self.text_proj.bias)
+        nn.init.zeros_(self.final_modulation.weight)
+        nn.init.zeros_(self.final_modulation.bias)
         nn.init.normal_(self.null_text)
         with torch.no_grad():
             self.pos.copy_(sincos_2d(self.config.grid, self.config.width, self.pos.device))
@@ -217,15 +228,14 @@ class Core(nn.Module):
         """Conditioning for a batch. Where `drop_text` is True the sample sees only the
         learned null tokens and null pooled vector; a caption with no real token is treated
         the same way (attending to nothing would be undefined)."""
-        b, t = text_mask.shape
+        b = text_mask.shape[0]
         text_mask = text_mask.bool()
         use_null = ~text_mask.any(dim=1)
         if drop_text is not None:
             use_null = use_null | drop_text.bool()
         keep = text_mask & ~use_null[:, None]
         tokens = torch.where(keep[..., None], text_tokens, 0.0)
-        pooled = torch.where(use_null[:, None], self.null_pooled.to(text_pooled.dtype),
-                             text_pooled)
+        pooled = torch.where(use_null[:, None], self.null_pooled.to(text_pooled.dtype), text_pooled)
         lam = fourier_features(logsnr, self.config.fourier_dim, 1 / 128, 2.0)
         # c = MLP(fourier(λ)) + MLP(pooled text)  (DESIGN: Architecture)
         c = self.logsnr_mlp(lam) + self.pooled_mlp(pooled)

@@ -114,9 +114,7 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 def fourier_features(x: Tensor, dim: int, min_freq: float, max_freq: float) -> Tensor:
     """[cos ω x, sin ω x] for dim/2 angular frequencies ω spaced geometrically; x [B] → [B, dim]."""
     half = dim // 2
-    freqs = torch.exp(
-        torch.linspace(math.log(min_freq), math.log(max_freq), half, device=x.device)
-    )
+    freqs = torch.exp(torch.linspace(math.log(min_freq), math.log(max_freq), half, device=x.device))
     args = x.float()[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 

@@ -41,11 +41,15 @@ class ShellFamily:
 
 SHELL_FAMILIES: dict[str, ShellFamily] = {
     "cpu": ShellFamily(
-        shallow_channels=64, channels=(64, 32, 32, 16, 16, 8), blocks=(1, 1, 1, 1, 1, 1),
+        shallow_channels=64,
+        channels=(64, 32, 32, 16, 16, 8),
+        blocks=(1, 1, 1, 1, 1, 1),
         norm_groups=8,
     ),
     "paper": ShellFamily(
-        shallow_channels=256, channels=(512, 256, 128, 128, 64, 64), blocks=(2, 2, 2, 2, 2, 2),
+        shallow_channels=256,
+        channels=(512, 256, 128, 128, 64, 64),
+        blocks=(2, 2, 2, 2, 2, 2),
     ),
 }
 
@@ -69,8 +73,10 @@ def shell_preset(
         raise ValueError(f"unknown shell family {family!r}; choose one of {sorted(SHELL_FAMILIES)}")
     fam = SHELL_FAMILIES[family]
     if kind == "shallow":
-        fields: dict[str, Any] = {"channels": (fam.shallow_channels,),
-                                  "blocks": (fam.shallow_blocks,)}
+        fields: dict[str, Any] = {
+            "channels": (fam.shallow_channels,),
+            "blocks": (fam.shallow_blocks,),
+        }
     else:
         levels = max(resolution // grid, 1).bit_length() - 1
         if levels > len(fam.channels):
@@ -94,20 +100,36 @@ SHELL_PRESETS: dict[str, ShellConfig] = {
 }
 
 
-def preset_table() -> list[dict[str, Any]]:
-    """One row per (core preset, shell preset) of the same family: parameters (core, shell)
-    and forward FLOPs per image, all computed on the meta device."""
+def preset_family(name: str) -> str:
+    """The family of a preset name: its prefix before the first "-" ("cpu" or "paper")."""
+    return name.split("-")[0]
+
+
+def preset_table(family: str | None = None) -> list[dict[str, Any]]:
+    """One row per (core preset, shell preset) of the same family (or of `family` only):
+    parameters (core, shell) and forward FLOPs per image, computed on the meta device."""
+    if family is not None and family not in SHELL_FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose one of {sorted(SHELL_FAMILIES)}")
     rows = []
     for core_name, core in CORE_PRESETS.items():
         for shell_name, shell in SHELL_PRESETS.items():
-            if core_name.split("-")[0] != shell_name.split("-")[0]:
+            if preset_family(core_name) != preset_family(shell_name) or family not in (
+                None,
+                preset_family(core_name),
+            ):
                 continue
             params, flops = count_parameters(core, shell), count_flops(core, shell)
-            rows.append({
-                "core": core_name, "shell": shell_name, "kind": shell.kind,
-                "resolution": shell.resolution,
-                "core_params": params["core"], "shell_params": params["shell"],
-                "core_flops": flops["core"], "shell_flops": flops["shell"],
-                "flops_per_image": flops["total"],
-            })
+            rows.append(
+                {
+                    "core": core_name,
+                    "shell": shell_name,
+                    "kind": shell.kind,
+                    "resolution": shell.resolution,
+                    "core_params": params["core"],
+                    "shell_params": params["shell"],
+                    "core_flops": flops["core"],
+                    "shell_flops": flops["shell"],
+                    "flops_per_image": flops["total"],
+                }
+            )
     return rows

@@ -121,8 +121,7 @@ class ResBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.conv2 = Conv2d(c_out, c_out, 3, padding=1)
         self.skip = Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
-        for p in (self.modulation.weight, self.modulation.bias, self.conv2.weight,
-                  self.conv2.bias):
+        for p in (self.modulation.weight, self.modulation.bias, self.conv2.weight, self.conv2.bias):
             nn.init.zeros_(p)
         self.gradient_checkpointing = False
 
@@ -145,8 +144,10 @@ class Shell(nn.Module):
         self.config = config
         grown = config.kind == "grown"
         ch, groups, p = config.channels, config.norm_groups, config.patch
-        drops = [config.dropout if r <= config.dropout_max_resolution else 0.0
-                 for r in config.level_resolutions]
+        drops = [
+            config.dropout if r <= config.dropout_max_resolution else 0.0
+            for r in config.level_resolutions
+        ]
 
         def level(c_first: int, i: int) -> nn.ModuleList:
             return nn.ModuleList(
@@ -154,22 +155,28 @@ class Shell(nn.Module):
                 for j in range(config.blocks[i])
             )
 
-        self.entry = Conv2d(IMAGE_CHANNELS, ch[0], p, stride=p) if not grown else Conv2d(
-            IMAGE_CHANNELS, ch[0], 3, padding=1)
+        self.entry = (
+            Conv2d(IMAGE_CHANNELS, ch[0], p, stride=p)
+            if not grown
+            else Conv2d(IMAGE_CHANNELS, ch[0], 3, padding=1)
+        )
         self.down = nn.ModuleList(level(ch[i], i) for i in range(config.levels))
         # downsample ×2 between levels: space-to-depth, then 1×1 conv
         self.downsample = nn.ModuleList(
-            Conv2d(4 * ch[i], ch[i + 1], 1) for i in range(config.levels - 1))
+            Conv2d(4 * ch[i], ch[i + 1], 1) for i in range(config.levels - 1)
+        )
         bottom = 4 * ch[-1] if grown else ch[-1]
         self.to_core = Conv2d(bottom, width, 1)
         self.from_core = Conv2d(width, bottom, 1)
         # decoder levels from the bottom (2G) up to R; a grown level's first block also
         # takes the skip from the encoder
         self.up = nn.ModuleList(
-            level(2 * ch[i] if grown else ch[i], i) for i in reversed(range(config.levels)))
+            level(2 * ch[i] if grown else ch[i], i) for i in reversed(range(config.levels))
+        )
         # upsample ×2 between levels: 1×1 conv, then depth-to-space
         self.upsample = nn.ModuleList(
-            Conv2d(ch[i], 4 * ch[i - 1], 1) for i in reversed(range(1, config.levels)))
+            Conv2d(ch[i], 4 * ch[i - 1], 1) for i in reversed(range(1, config.levels))
+        )
         self.exit_norm = GroupNorm(groups, ch[0])
         self.exit = Conv2d(ch[0], IMAGE_CHANNELS * p * p, 3, padding=1)
         nn.init.zeros_(self.exit.weight)

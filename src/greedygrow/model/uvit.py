@@ -73,7 +73,7 @@ class UViT(nn.Module):
                 f"UViT: z must be [B, {IMAGE_CHANNELS}, {r}, {r}] for this {r} px shell, "
                 f"got {list(z.shape)}"
             )
-        if text_tokens.ndim != 3 or text_tokens.shape[0] != b or text_tokens.shape[2] != cc.text_dim:
+        if text_tokens.ndim != 3 or tuple(text_tokens.shape[::2]) != (b, cc.text_dim):
             raise ValueError(
                 f"UViT: text_tokens must be [B={b}, T, E={cc.text_dim}] (E = the core's "
                 f"text_dim), got {list(text_tokens.shape)}"
@@ -84,8 +84,11 @@ class UViT(nn.Module):
                 f"UViT: {t} text tokens exceed the core's text_len {cc.text_len}; truncate "
                 "captions in the text encoder (max_length)"
             )
-        expected = [("logsnr", logsnr, (b,)), ("text_mask", text_mask, (b, t)),
-                    ("text_pooled", text_pooled, (b, cc.text_dim))]
+        expected = [
+            ("logsnr", logsnr, (b,)),
+            ("text_mask", text_mask, (b, t)),
+            ("text_pooled", text_pooled, (b, cc.text_dim)),
+        ]
         if drop_text is not None:
             expected.append(("drop_text", drop_text, (b,)))
         for name, tensor, shape in expected:
@@ -106,46 +109,45 @@ class UViT(nn.Module):
 
 def count_parameters(core_config: CoreConfig, shell_config: ShellConfig) -> dict[str, int]:
     """Parameters of the core and the shell, counted on the meta device (no memory)."""
-    core = _core_counts(core_config)[0]
-    shell = _shell_counts(shell_config, core_config.width, core_config.cond_width)[0]
+    with torch.device("meta"):
+        model = UViT(core_config, shell_config)
+    core = sum(p.numel() for p in model.core.parameters())
+    shell = sum(p.numel() for p in model.shell.parameters())
     return {"core": core, "shell": shell, "total": core + shell}
 
 
 def count_flops(core_config: CoreConfig, shell_config: ShellConfig) -> dict[str, int]:
     """Forward FLOPs per image of the core (with its conditioning), the shell, and both:
     reported by the layers while a batch of one (with text_len text tokens) runs through
-    meta-device twins."""
-    core = _core_counts(core_config)[1]
-    shell = _shell_counts(shell_config, core_config.width, core_config.cond_width)[1]
+    meta-device twins (no memory, no arithmetic)."""
+    core = _core_flops(core_config)
+    shell = _shell_flops(shell_config, core_config.width, core_config.cond_width)
     return {"core": core, "shell": shell, "total": core + shell}
 
 
-def _meta_inputs(core_config: CoreConfig) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(logsnr, text_tokens, text_mask, text_pooled) for one image on the current device."""
+@functools.cache
+def _core_flops(core_config: CoreConfig) -> int:
     cc = core_config
-    return (torch.zeros(1), torch.zeros(1, cc.text_len, cc.text_dim),
-            torch.ones(1, cc.text_len, dtype=torch.bool), torch.zeros(1, cc.text_dim))
-
-
-@functools.cache
-def _core_counts(core_config: CoreConfig) -> tuple[int, int]:
-    """(parameters, forward FLOPs per image) of a core, on the meta device."""
     with torch.device("meta"):
-        core = Core(core_config)
-        inputs = _meta_inputs(core_config)
-        x = torch.zeros(1, core_config.tokens, core_config.width)
+        core = Core(cc)
+        x = torch.zeros(1, cc.tokens, cc.width)
+        text = (
+            torch.zeros(1),
+            torch.zeros(1, cc.text_len, cc.text_dim),
+            torch.ones(1, cc.text_len, dtype=torch.bool),
+            torch.zeros(1, cc.text_dim),
+        )
     with torch.no_grad(), flop_counter() as counter:
-        core(x, core.embed(*inputs))
-    return sum(p.numel() for p in core.parameters()), counter.flops
+        core(x, core.embed(*text))
+    return counter.flops
 
 
 @functools.cache
-def _shell_counts(shell_config: ShellConfig, width: int, cond_width: int) -> tuple[int, int]:
-    """(parameters, forward FLOPs per image) of a shell around a core of `width`."""
+def _shell_flops(shell_config: ShellConfig, width: int, cond_width: int) -> int:
     r = shell_config.resolution
     with torch.device("meta"):
         shell = Shell(shell_config, width, cond_width)
         z, emb = torch.zeros(1, IMAGE_CHANNELS, r, r), torch.zeros(1, cond_width)
     with torch.no_grad(), flop_counter() as counter:
         shell.decode(*shell.encode(z, emb), emb)
-    return sum(p.numel() for p in shell.parameters()), counter.flops
+    return counter.flops

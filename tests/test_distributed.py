@@ -1,0 +1,82 @@
+"""torchrun with 2 gloo processes (DDP and FSDP2) equals 1 process with the same global batch,
+and a run resumes on another number of processes."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from greedygrow.checkpoint import state_path
+
+from test_train import TINY
+
+STEPS = 4
+
+
+def _run(out: Path, nproc: int, cache: Path, *extra: str) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "greedygrow"] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc_per_node={nproc}", "-m", "greedygrow"]
+    cmd = [*launcher, "train-core", "--out", str(out), *TINY, f"run.steps={STEPS}",
+           "run.checkpoint_every=2", f"data.text_cache_dir={cache}", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def _losses(run: Path) -> list[float]:
+    return [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    assert _losses(a) == pytest.approx(_losses(b), rel=1e-4, abs=1e-6)
+    for name in ("model-raw.safetensors", "model.safetensors"):
+        wa, wb = load_file(a / name), load_file(b / name)
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5, msg=f"{name}:{k}")
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> tuple[Path, Path]:
+    cache = tmp_path_factory.mktemp("text-cache")
+    run = tmp_path_factory.mktemp("single") / "run"
+    _run(run, 1, cache)
+    return run, cache
+
+
+@pytest.fixture(scope="module")
+def fsdp(single, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("fsdp") / "run"
+    _run(run, 2, single[1], "run.parallel=fsdp")
+    return run
+
+
+def test_ddp_two_processes_equal_one_with_the_same_global_batch(single, tmp_path):
+    reference, cache = single
+    run = tmp_path / "ddp"
+    _run(run, 2, cache, "run.parallel=ddp")
+    _assert_same_run(run, reference)
+    assert len(list((run / "tb").iterdir())) == 1  # rank 0 alone writes logs
+
+
+def test_fsdp2_two_processes_equal_one_with_the_same_global_batch(single, fsdp):
+    _assert_same_run(fsdp, single[0])
+    assert len(list((fsdp / "tb").iterdir())) == 1
+
+
+def test_resume_on_a_different_number_of_processes(single, fsdp, tmp_path):
+    reference, cache = single
+    run = tmp_path / "resized"
+    shutil.copytree(fsdp, run)  # the 2-process FSDP2 run's state at step 2 ...
+    state_path(run, STEPS).unlink()
+    done = _run(run, 1, cache)  # ... finished by one process
+    assert f"resuming {run} from step 2" in done.stderr
+    _assert_same_run(run, reference)
