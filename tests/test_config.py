@@ -64,7 +64,7 @@ def test_unknown_key_in_yaml_file_is_refused_naming_the_file(tmp_path):
 
 
 def test_wrong_type_is_refused():
-    with pytest.raises(ConfigError, match="run.steps"):
+    with pytest.raises(ConfigError, match=r"run\.steps"):
         load_config(overrides=["run.steps=many"])
 
 

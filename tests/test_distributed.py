@@ -13,7 +13,6 @@ import torch
 from safetensors.torch import load_file
 
 from greedygrow.checkpoint import state_path
-
 from test_train import TINY
 
 STEPS = 4

@@ -203,7 +203,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads, strict=True))
 
 
-def test_bf16_autocast_forward_is_close_to_fp32():
+def test_bf16_autocast_and_bf16_weights_are_close_to_fp32():
     model = tiny_uvit("grown", 64)
     randomise_zero_inits(model)
     x = inputs(2, 64)
@@ -213,6 +213,10 @@ def test_bf16_autocast_forward_is_close_to_fp32():
             out = model(**x)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     assert (out - ref).abs().max() < 0.05 * ref.abs().max()
+    model.to(torch.bfloat16)  # pure bf16 weights, float32 inputs
+    with torch.no_grad():
+        pure = model(**x)
+    assert pure.dtype == torch.float32 and (pure - ref).abs().max() < 0.1 * ref.abs().max()
 
 
 def test_core_traces_without_graph_breaks():

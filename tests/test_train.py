@@ -29,15 +29,19 @@ TINY = [
     "run.sample_prompts=[a red circle]", "run.progress=false", "optim.warmup_steps=2",
     "optim.lr=1e-3", "run.deterministic=true",
 ]
-GROW = ["model.shell_overrides.channels=[16,16]", "model.shell_overrides.blocks=[1,1]", "data.count=400", "run.batch_size=4",
-        "run.log_every=1", "run.sample_every=0", "run.sample_steps=2",
-        "run.sample_per_prompt=1", "run.sample_prompts=[a red circle]", "run.progress=false",
-        "optim.warmup_steps=2", "optim.lr=1e-3", "run.deterministic=true"]
+GROW = ["model.shell_overrides.channels=[16,16]", "model.shell_overrides.blocks=[1,1]",
+        "data.count=400", "run.batch_size=4", "run.log_every=1", "run.sample_every=0",
+        "run.sample_steps=2", "run.sample_per_prompt=1", "run.sample_prompts=[a red circle]",
+        "run.progress=false", "optim.warmup_steps=2", "optim.lr=1e-3", "run.deterministic=true"]
 
 
 def _losses(run: Path) -> list[tuple[int, float]]:
     lines = (run / "metrics.jsonl").read_text().splitlines()
     return [(e["step"], e["loss"]) for e in map(json.loads, lines)]
+
+
+def _logged(run: Path, key: str) -> list:
+    return [json.loads(x)[key] for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def _core_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -96,11 +100,11 @@ def test_greedy_leaves_core_bit_identical_after_training(core_run, tmp_path, cac
     state = torch.load(state_path(run, 3), weights_only=True)
     optimized = set(state["optimizer"]["state"])
     assert optimized and not any(str(k).startswith("core.") for k in optimized)
-    assert all(json.loads(x)["core_frozen"] for x in (run / "metrics.jsonl").read_text().splitlines())
+    assert all(_logged(run, "core_frozen"))
 
 
 def test_unfreeze_changes_core_only_after_freeze_steps(core_run, tmp_path, cache):
-    run, cfg = _grow(core_run, tmp_path / "unfreeze", "unfreeze", 4, cache, freeze=2,
+    run, _ = _grow(core_run, tmp_path / "unfreeze", "unfreeze", 4, cache, freeze=2,
                      extra=["run.checkpoint_every=1", "run.keep=10"])
     _, original = load_core(core_run)
 
@@ -112,8 +116,7 @@ def test_unfreeze_changes_core_only_after_freeze_steps(core_run, tmp_path, cache
         assert all(torch.equal(core_at(step)[k], original[k]) for k in original), step
     for step in (3, 4):
         assert not all(torch.equal(core_at(step)[k], original[k]) for k in original), step
-    frozen = [json.loads(x)["core_frozen"] for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert frozen == [True, True, False, False]
+    assert _logged(run, "core_frozen") == [True, True, False, False]
 
 
 def test_scratch_mode_does_not_load_the_core(core_run, tmp_path, cache):

@@ -239,10 +239,58 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="run folder with exported weights")
     p.add_argument("--out", required=True, help="report directory")
     p.add_argument("--compare", nargs="*", default=[], help="more run folders to compare")
+    p.add_argument("--prompts", default=None,
+                   help="text file, one prompt per line (default: built-in scene prompts); "
+                        "scenes captions in it are scored for alignment too")
+    p.add_argument("--count", type=int, default=50, help="number of built-in scene prompts")
+    p.add_argument("--references", default=None,
+                   help="folder of reference images for FID/FD-DINOv2/CMMD (default for scene "
+                        "prompts: their ground-truth renders)")
+    p.add_argument("--sampler", choices=["ddim", "ancestral", "dpmpp2m"], default="dpmpp2m")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=None, help="default: the run's own")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3],
+                   help="one image per prompt per seed")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="resize samples to this before scoring (compare runs at one size)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--raw", action="store_true", help="use raw weights instead of EMA")
+    p.add_argument("--inception", default=None,
+                   help="FID Inception weights (.pth/.safetensors; or GREEDYGROW_INCEPTION)")
+    p.add_argument("--dino", default=None, help="DINOv2 hub name or folder")
+    p.add_argument("--clip", default=None, help="CLIP hub name or folder")
+    p.add_argument("--no-distribution", action="store_true",
+                   help="skip FID / FD-DINOv2 / CMMD / CLIPScore")
+    p.add_argument("--stats-cache", default=None,
+                   help="reference statistics cache (default ~/.cache/greedygrow/reference-stats)")
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    raise NotImplementedError("evaluate: owned by the evaluation work")
+    import torch
+
+    from greedygrow.checkpoint import CheckpointMismatch
+    from greedygrow.evaluate.distribution import Extractors
+    from greedygrow.evaluate.report import Settings, evaluate
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        extractors = None
+        if not args.no_distribution:
+            extractors = Extractors.load(args.inception, args.dino, args.clip, device=device)
+        settings = Settings(sampler=args.sampler, steps=args.steps, guidance=args.guidance,
+                            seeds=tuple(args.seeds), resolution=args.resolution,
+                            batch_size=args.batch_size, device=device, ema=not args.raw)
+        paths = evaluate(args.model, args.out, args.compare, args.prompts, args.count,
+                         args.references, settings, extractors, args.stats_cache)
+    except (CheckpointMismatch, FileNotFoundError, ValueError) as e:
+        print(f"greedygrow evaluate: error: {e}", file=sys.stderr)
+        return 2
+    for name, path in paths.items():
+        print(f"{name:8s} {path}")
+    return 0
 
 
 def _add_demo(p: argparse.ArgumentParser) -> None:

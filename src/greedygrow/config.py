@@ -17,6 +17,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from greedygrow.diffusion import schedule_for
 from greedygrow.model import CORE_PRESETS, SHELL_FAMILIES, CoreConfig, ShellConfig, shell_preset
 
 GROW_MODES = ("greedy", "unfreeze", "joint", "scratch")
@@ -51,7 +52,7 @@ class ModelConfig:
 class DataConfig:
     source: str = "scenes"  # scenes | folder | webdataset
     path: str | None = None  # folder root or shard pattern (not used by scenes)
-    count: int = 100_000  # scenes: size of the fixed set (before the min_native filter)
+    count: int = 100_000  # scenes only: size of the fixed set (before the min_native filter)
     min_native: int | None = None  # keep images with native side >= this; None: 0 / R (grow)
     caption_dropout: float = 0.1  # fraction of captions replaced by the null text
     workers: int = 0  # DataLoader worker processes per rank
@@ -62,7 +63,7 @@ class DataConfig:
 
 @dataclass
 class DiffusionConfig:
-    schedule: str | None = None  # cosine | shifted | interpolated; None: from the resolution
+    schedule: str | None = None  # cosine | shifted | interpolated; None: by resolution
     weighting: str = "v_mse"  # v_mse | sigmoid | min_snr
     multiscale: bool = False
 
@@ -98,7 +99,7 @@ class RunConfig:
     sample_per_prompt: int = 2
     sample_steps: int = 25
     sample_sampler: str = "dpmpp2m"
-    sample_guidance: float = 3.0
+    sample_guidance: float | None = None  # None: the paper's 1.75 (core) / 4.0 (grown)
     progress: bool = True  # tqdm progress bar on rank 0
 
 
@@ -177,7 +178,8 @@ def load_config(
         cfg = _merge(cfg, loaded, str(path))
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. run.steps=100)")
+            raise ConfigError(
+                f"override '{item}' is not of the form key=value (e.g. run.steps=100)")
     cfg = _merge(cfg, OmegaConf.from_dotlist(list(overrides)), "command-line override")
     return OmegaConf.to_object(cfg)
 
@@ -251,11 +253,18 @@ def resolve(cfg: Config) -> Config:
         cfg,
         data=dataclasses.replace(cfg.data),
         grow=dataclasses.replace(cfg.grow),
+        run=dataclasses.replace(cfg.run),
         diffusion=dataclasses.replace(cfg.diffusion),
     )
+    if cfg.diffusion.schedule is None and cfg.model.resolution > 0:
+        # the schedule shift follows the resolution (DESIGN: Diffusion; Hoogeboom et al. 2023)
+        cfg.diffusion.schedule = schedule_for(cfg.model.resolution).kind
     if cfg.data.min_native is None:
         # The grown model trains on the high-resolution subset (DESIGN: Phase 2).
         cfg.data.min_native = 0 if cfg.phase == "core" else cfg.model.resolution
+    if cfg.run.sample_guidance is None:
+        # the paper's guidance weights: 1.75 for Shallow-UViT, 4.0 for grown UViTs
+        cfg.run.sample_guidance = 1.75 if cfg.phase == "core" else 4.0
     if cfg.phase == "grow" and cfg.grow.freeze_steps is None:
         # greedy: frozen for ever; unfreeze: the paper's 500k of 2M steps, a quarter of the run.
         cfg.grow.freeze_steps = {"greedy": -1, "unfreeze": cfg.run.steps // 4}.get(cfg.grow.mode, 0)
@@ -302,8 +311,10 @@ def validate(cfg: Config) -> None:
     for key in ("log_every", "sample_every", "checkpoint_every"):
         need(getattr(r, key) >= 0, f"run.{key} must be >= 0, got {getattr(r, key)}")
     need(r.keep >= 1, f"run.keep must be >= 1, got {r.keep}")
-    need(r.precision in ("fp32", "bf16"), f"run.precision must be fp32 or bf16, got '{r.precision}'")
-    need(r.device in ("auto", "cpu", "cuda"), f"run.device must be auto, cpu or cuda, got '{r.device}'")
+    need(r.precision in ("fp32", "bf16"),
+         f"run.precision must be fp32 or bf16, got '{r.precision}'")
+    need(r.device in ("auto", "cpu", "cuda"),
+         f"run.device must be auto, cpu or cuda, got '{r.device}'")
     need(r.parallel in ("ddp", "fsdp"), f"run.parallel must be ddp or fsdp, got '{r.parallel}'")
     need(r.sample_sampler in ("ddim", "ancestral", "dpmpp2m"),
          f"run.sample_sampler must be ddim, ancestral or dpmpp2m, got '{r.sample_sampler}'")

@@ -38,9 +38,10 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-from greedygrow.data.scenes import COLORS, SHAPES, TINT, Scene
+from greedygrow.data.scenes import COLORS, OUTLINE_WIDTH, SHAPES, TINT, Scene
 
 ATTRIBUTE_MIN_RESOLUTION = 128
+ANALYSIS_MAX = 512  # larger images are analysed block-averaged to at least this
 MIN_CONTRAST = 0.1  # ‖p − B‖ below this is background (in [0, 1] RGB units)
 MAX_COUNT = 5
 _INKS_RGB = np.array([*COLORS.values()], dtype=np.float32) / 255.0
@@ -319,52 +320,69 @@ def _classify_attribute(mean: float, std: float, coherence: float, ring: float) 
     return "plain" if mean < 0.3 else "tinted"
 
 
+def _downsample(img: np.ndarray, limit: int) -> np.ndarray:
+    """Block-mean an image whose shorter side exceeds `limit` by the largest integer factor
+    that keeps it ≥ limit (a box filter keeps every pixel a blend of background and ink)."""
+    f = min(img.shape[:2]) // limit
+    if f < 2:
+        return img
+    h, w = img.shape[0] // f * f, img.shape[1] // f * f
+    return img[:h, :w].reshape(h // f, f, w // f, f, 3).mean((1, 3))
+
+
 def detect(image: Image.Image | np.ndarray | torch.Tensor,
            min_area: float = 0.0015) -> list[Detection]:
     """Objects in an image: colour, shape and (from ATTRIBUTE_MIN_RESOLUTION up) attribute.
 
-    min_area: smallest object kept, as a fraction of the image area (smaller specks are noise).
+    Images above ANALYSIS_MAX px are analysed block-averaged to ≥ ANALYSIS_MAX px (every
+    scenes detail is still resolved there). min_area: smallest object kept, as a fraction of
+    the image area (smaller specks are noise).
     """
-    img = to_array(image)
+    full = to_array(image)
+    if min(full.shape[:2]) < 16:
+        raise ValueError(f"image of {full.shape[1]}×{full.shape[0]} px is too small to "
+                         "analyse (at least 16 px)")
+    resolve = min(full.shape[:2]) >= ATTRIBUTE_MIN_RESOLUTION
+    img = _downsample(full, ANALYSIS_MAX)
     h, w, _ = img.shape
-    if min(h, w) < 16:
-        raise ValueError(f"image of {w}×{h} px is too small to analyse (at least 16 px)")
-    b = max(1, round(0.015 * min(h, w)))
+    res = min(h, w)
+    b = max(1, round(0.015 * res))
     border = np.zeros((h, w), dtype=bool)
     border[:b], border[-b:], border[:, :b], border[:, -b:] = True, True, True, True
     bg = _fit_background(img, border, degree=1)
-    noise = float(1.4826 * np.median(np.abs(img[border] - bg[border])))
+    noise = float(1.4826 * np.median(np.abs(img[border] - bg[border])))  # per-channel σ (MAD)
     maps = _label_pixels(img, bg, noise)
     # refit the background on every pixel far from any object, then label again
     far = ~ndimage.binary_dilation(maps.label >= 0, iterations=2)
     if far.sum() > 0.1 * far.size:
         bg = _fit_background(img, far, degree=2)
         maps = _label_pixels(img, bg, noise)
-    res = min(h, w)
-    resolve = res >= ATTRIBUTE_MIN_RESOLUTION
+    ring_px = max(1.0, OUTLINE_WIDTH * res)
     out = []
     for k, color in enumerate(_COLOR_NAMES):
-        comps, n = ndimage.label(maps.label == k, structure=np.ones((3, 3)))
+        comps, _ = ndimage.label(maps.label == k, structure=np.ones((3, 3)))
+        # noise in s = ⟨p − c, t − c⟩/‖t − c‖² has σ_s = σ / ‖t − c‖
+        s_noise = noise / float(np.linalg.norm(_TINTS_RGB[k] - _INKS_RGB[k]))
         for i, sl in enumerate(ndimage.find_objects(comps), start=1):
-            pad = tuple(slice(max(s.start - 2, 0), s.stop + 2) for s in sl)
+            pad = tuple(slice(max(q.start - 2, 0), q.stop + 2) for q in sl)
             mask = comps[pad] == i
             area = float(maps.cover[pad][mask].sum())
             if area < max(min_area * h * w, 3.0):
                 continue
             solidity, extent, height = _shape_descriptors(
                 ndimage.binary_dilation(mask), maps.cover[pad])
-            ring_px = max(1.0, 0.012 * res)
-            feats = _attribute_features(ndimage.binary_fill_holes(mask), maps.tint[pad],
-                                        ring_px)
+            mean, std, coherence, ring = _attribute_features(
+                ndimage.binary_fill_holes(mask), maps.tint[pad], ring_px)
+            std = math.sqrt(max(std * std - s_noise * s_noise, 0.0))  # pattern, not noise
             ys, xs = np.nonzero(mask)
             y0, x0 = ys.min() + pad[0].start, xs.min() + pad[1].start
             y1, x1 = ys.max() + pad[0].start + 1, xs.max() + pad[1].start + 1
             out.append(Detection(
                 color=color, shape=_classify_shape(solidity, extent, height),
-                attribute=_classify_attribute(*feats) if resolve else None,
+                attribute=_classify_attribute(mean, std, coherence, ring) if resolve else None,
                 box=(x0 / w, y0 / h, x1 / w, y1 / h), area=area / (h * w),
-                solidity=solidity, extent=extent, height=height, tint_mean=feats[0], tint_std=feats[1],
-                coherence=feats[2], ring_contrast=feats[3]))
+                solidity=solidity, extent=extent, height=height, tint_mean=mean,
+                tint_std=std, coherence=coherence, ring_contrast=ring))
     return out
 
 

@@ -35,6 +35,8 @@ from safetensors.numpy import save_file as save_numpy_file
 from safetensors.torch import load_file as load_torch_file
 from torch import Tensor, nn
 
+from greedygrow.text import ALLOW_DOWNLOAD_ENV
+
 INCEPTION_ENV = "GREEDYGROW_INCEPTION"
 INCEPTION_DEFAULT = Path.home() / ".cache" / "greedygrow" / "pt_inception-2015-12-05.safetensors"
 DINOV2_DEFAULT = "facebook/dinov2-large"
@@ -344,18 +346,23 @@ def _hf_load(cls_name: str, spec: str, what: str, flag: str, local_files_only: b
     except (OSError, ValueError) as err:
         raise WeightsUnavailableError(
             f"{what} needs the weights '{spec}', which are not a local folder and could not be "
-            f"loaded from the Hugging Face cache or hub ({type(err).__name__}: "
-            f"{str(err).splitlines()[0]}). On a machine with network run "
-            f"`hf download {spec}` (or save_pretrained to a folder) and pass {flag} PATH.") \
-            from err
+            f"loaded from the Hugging Face cache{'' if local_files_only else ' or hub'} "
+            f"({type(err).__name__}: {str(err).splitlines()[0]}). On a machine with network "
+            f"run `hf download {spec}` (or save_pretrained to a folder) and pass {flag} PATH, "
+            f"or set {ALLOW_DOWNLOAD_ENV}=1 to let greedygrow download it.") from err
 
 
 def load_extractor(kind: str, spec: str | None = None, device: str = "cpu",
-                   local_files_only: bool = False) -> FeatureExtractor:
+                   local_files_only: bool | None = None) -> FeatureExtractor:
     """Load "inception", "dinov2" or "clip" from a local path or hub name (defaults per kind).
 
-    Raises WeightsUnavailableError naming what is missing and how to provide it.
+    Hub names are read from the local Hugging Face cache only, unless local_files_only=False
+    or GREEDYGROW_ALLOW_DOWNLOAD=1 (as for text encoders). Raises WeightsUnavailableError
+    naming what is missing and how to provide it.
     """
+    if local_files_only is None:
+        allow = os.environ.get(ALLOW_DOWNLOAD_ENV, "").lower() in ("1", "true", "yes")
+        local_files_only = not allow
     if kind == "inception":
         path = spec or os.environ.get(INCEPTION_ENV) or str(INCEPTION_DEFAULT)
         return InceptionFID.from_file(path).to(device)
@@ -565,7 +572,7 @@ class Extractors:
     @classmethod
     def load(cls, inception: str | None = None, dinov2: str | None = None,
              clip: str | None = None, kinds: Iterable[str] = ("inception", "dinov2", "clip"),
-             device: str = "cpu", local_files_only: bool = False) -> Extractors:
+             device: str = "cpu", local_files_only: bool | None = None) -> Extractors:
         """Load each requested kind; a kind whose weights are unavailable is recorded in
         `notes` with the loader's message instead of raising."""
         specs = {"inception": inception, "dinov2": dinov2, "clip": clip}

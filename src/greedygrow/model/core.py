@@ -234,9 +234,11 @@ class Core(nn.Module):
         if drop_text is not None:
             use_null = use_null | drop_text.bool()
         keep = text_mask & ~use_null[:, None]
-        tokens = torch.where(keep[..., None], text_tokens, 0.0)
-        pooled = torch.where(use_null[:, None], self.null_pooled.to(text_pooled.dtype), text_pooled)
-        lam = fourier_features(logsnr, self.config.fourier_dim, 1 / 128, 2.0)
+        dtype = self.pos.dtype  # inputs follow the weights (a no-op under autocast)
+        tokens = torch.where(keep[..., None], text_tokens.to(dtype), 0.0)
+        pooled = torch.where(use_null[:, None], self.null_pooled, text_pooled.to(dtype))
+        # fourier(λ) = [cos ωλ, sin ωλ], ω geometric in [1/128, 2] (ours; λ spans about ±20)
+        lam = fourier_features(logsnr, self.config.fourier_dim, 1 / 128, 2.0).to(dtype)
         # c = MLP(fourier(λ)) + MLP(pooled text)  (DESIGN: Architecture)
         c = self.logsnr_mlp(lam) + self.pooled_mlp(pooled)
         text = self.text_norm(self.text_proj(tokens))

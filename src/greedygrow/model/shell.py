@@ -156,9 +156,9 @@ class Shell(nn.Module):
             )
 
         self.entry = (
-            Conv2d(IMAGE_CHANNELS, ch[0], p, stride=p)
-            if not grown
-            else Conv2d(IMAGE_CHANNELS, ch[0], 3, padding=1)
+            Conv2d(IMAGE_CHANNELS, ch[0], 3, padding=1)
+            if grown
+            else Conv2d(IMAGE_CHANNELS, ch[0], p, stride=p)
         )
         self.down = nn.ModuleList(level(ch[i], i) for i in range(config.levels))
         # downsample ×2 between levels: space-to-depth, then 1×1 conv

@@ -52,7 +52,7 @@ class UViT(nn.Module):
         uses the learned null text instead. Returns [B,3,R,R] in z's dtype."""
         self._check_inputs(z, logsnr, text_tokens, text_mask, text_pooled, drop_text)
         cond = self.core.embed(logsnr, text_tokens, text_mask, text_pooled, drop_text)
-        h, skips = self.shell.encode(z, cond.emb)
+        h, skips = self.shell.encode(z.to(self.shell.entry.weight.dtype), cond.emb)
         b, d, g, _ = h.shape
         tokens = self.core(h.flatten(2).transpose(1, 2), cond)  # [B, G·G, D], row-major
         h = tokens.transpose(1, 2).reshape(b, d, g, g)

@@ -1,0 +1,150 @@
+"""`greedygrow evaluate` on a tiny untrained run writes a report that opens."""
+
+import base64
+import io
+import json
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from greedygrow.checkpoint import export_model
+from greedygrow.cli import main
+from greedygrow.diffusion import schedule_for
+from greedygrow.evaluate.distribution import Extractors
+from greedygrow.evaluate.report import Settings, evaluate, read_prompts, unique_names
+from greedygrow.model import UViT, core_preset, shell_preset
+
+
+def make_run(path: Path, seed: int, with_log: bool = True) -> Path:
+    """A run folder as training writes it: exported (untrained) weights, meta, loss log."""
+    torch.manual_seed(seed)
+    core = core_preset("cpu-tiny", width=32, depth=1, heads=2)
+    model = UViT(core, shell_preset("shallow", 32, "cpu"))
+    meta = {"text_encoder": "minilm", "text_max_length": 32, "resolution": 32,
+            "schedule": schedule_for(32).to_dict(), "guidance": 2.0, "phase": "core",
+            "mode": "scratch", "step": 30}
+    path.mkdir(parents=True)
+    export_model(path, model, meta)
+    if with_log:
+        with (path / "metrics.jsonl").open("w") as f:
+            for step in range(1, 31):
+                f.write(json.dumps({"step": step, "loss": 1.0 / step, "lr": 1e-4}) + "\n")
+    return path
+
+
+class Page(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.images, self.tables, self.text = [], 0, []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.images.append(dict(attrs)["src"])
+        self.tables += tag == "table"
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def parse_report(path: Path) -> Page:
+    page = Page()
+    page.feed(path.read_text(encoding="utf-8"))
+    page.close()
+    return page
+
+
+def decode_all(page: Page, base: Path) -> list[Image.Image]:
+    out = []
+    for src in page.images:
+        if src.startswith("data:image/png;base64,"):
+            img = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
+        else:
+            img = Image.open(base / src)
+        img.load()
+        out.append(img)
+    return out
+
+
+def test_evaluate_cli_on_a_tiny_run_writes_a_report_that_opens(tmp_path):
+    run = make_run(tmp_path / "tiny", seed=0)
+    out = tmp_path / "report"
+    with pytest.raises(SystemExit) as done:
+        main(["evaluate", "--model", str(run), "--out", str(out), "--count", "6",
+              "--seeds", "0", "1", "--steps", "2", "--sampler", "ddim", "--no-distribution"])
+    assert done.value.code == 0
+    page = parse_report(out / "report.html")
+    images = decode_all(page, out)
+    assert page.tables >= 2
+    assert len(images) == 3 + 6 * 2  # alignment, confusion, loss plots + every sample
+    assert all(img.width > 0 for img in images)
+    text = " ".join(page.text)
+    assert "DSG score" in text and "Training loss" in text
+    metrics = json.loads((out / "metrics.json").read_text())
+    run_metrics = metrics["runs"][0]
+    assert len(run_metrics["samples"]) == 12 and run_metrics["settings"]["guidance"] == 2.0
+    summary = run_metrics["alignment"]
+    assert summary["prompts"] == 12 and 0 <= summary["dsg_score"] <= 1
+    assert set(summary["count_accuracy"]) <= {"1", "2", "3", "4", "5"}
+    for s in run_metrics["samples"]:
+        assert Image.open(out / s["file"]).size == (32, 32)
+    assert "not requested" in run_metrics["distribution_missing"]["all"]
+
+
+def test_evaluate_compares_runs_with_distribution_metrics_and_prompt_file(tmp_path):
+    from test_distribution import TinyConvFeatures, tiny_clip
+
+    a = make_run(tmp_path / "a" / "run", seed=0)
+    b = make_run(tmp_path / "b" / "run", seed=1, with_log=False)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# scene captions are scored, others only get distribution metrics\n"
+                       "two red circles\na photo of a cat\n\nan outlined blue square\n")
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    for i in range(6):
+        Image.new("RGB", (40, 48), (40 * i, 200, 100)).save(refs / f"{i}.png")
+    (refs / "broken.png").write_bytes(b"not a png")
+    ext = Extractors(inception=TinyConvFeatures(), clip=tiny_clip(), notes={"dinov2": "none"})
+    settings = Settings(sampler="ddim", steps=2, seeds=(3, 4), resolution=48)
+    with pytest.warns(UserWarning, match="skipped 1 undecodable"):
+        paths = evaluate(a, tmp_path / "out", [b], str(prompts), references=str(refs),
+                         settings=settings, extractors=ext, cache_dir=tmp_path / "cache",
+                         progress=None)
+    metrics = json.loads(paths["metrics"].read_text())
+    assert [r["name"] for r in metrics["runs"]] == ["a-run", "b-run"]
+    for r in metrics["runs"]:
+        assert set(r["distribution"]) == {"fid", "cmmd", "clip_score"}
+        assert r["alignment"]["prompts"] == 4  # 2 scene prompts × 2 seeds
+        assert r["settings"]["resolution"] == 48
+    assert metrics["runs"][0]["distribution"] != metrics["runs"][1]["distribution"]
+    scored = [s for s in metrics["runs"][0]["samples"] if "score" in s]
+    assert {s["prompt"] for s in scored} == {0, 2}
+    page = parse_report(paths["report"])
+    images = decode_all(page, paths["report"].parent)
+    assert len(images) == 3 + 2 * 3 * 2  # 2 runs × 3 prompts × 2 seeds, plus three plots
+    assert "a-run" in " ".join(page.text) and "b-run" in " ".join(page.text)
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2  # cached once, reused
+
+
+def test_evaluate_reports_a_missing_run_clearly(tmp_path, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["evaluate", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o"),
+              "--no-distribution", "--count", "2"])
+    assert done.value.code == 2
+    assert "nope does not exist" in capsys.readouterr().err
+
+
+def test_prompt_file_parses_scene_captions(tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_text("three striped yellow stars\n# comment\na dog\nsix red circles\n")
+    prompts = read_prompts(f)
+    assert prompts.captions == ["three striped yellow stars", "a dog", "six red circles"]
+    assert prompts.scenes[0].groups[0].count == 3 and prompts.scenes[1] is None
+    assert prompts.scenes[2] is None  # six is not a scenes count: no ground truth
+
+
+def test_run_names_are_distinct():
+    assert unique_names(["x/run", "y/run", "z/other"]) == ["x-run", "y-run", "other"]
+    assert unique_names(["x/run", "x/run"]) == ["x-run-0", "x-run-1"]
