@@ -22,6 +22,7 @@ import os
 import platform
 import re
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -35,6 +36,7 @@ from greedygrow.model import (
     UViT,
     count_flops,
     count_parameters,
+    preset_table,
     shell_preset,
 )
 
@@ -65,10 +67,11 @@ def timed(fn: Callable[[], object], steps: int, warmup: int = 1) -> tuple[float,
     return statistics.median(walls), statistics.median(cpus)
 
 
-def matmul_rate(dtype: torch.dtype, n: int, steps: int) -> float:
-    """FLOP/s of an n×n by n×n matmul (2n³ FLOPs) in `dtype`."""
+def matmul_rate(dtype: torch.dtype, n: int, steps: int) -> tuple[float, float]:
+    """FLOPs per wall second and per CPU second of an n×n by n×n matmul (2n³ FLOPs)."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    return 2 * n**3 / timed(lambda: a @ b, steps)[0]
+    wall, cpu = timed(lambda: a @ b, steps)
+    return 2 * n**3 / wall, 2 * n**3 / cpu
 
 
 def train_step_fn(model: UViT, batch: int, bf16: bool) -> Callable[[], None]:
@@ -116,11 +119,11 @@ def core_step_fn(model: UViT, batch: int, bf16: bool) -> Callable[[], None]:
     return step
 
 
-def bench_presets(batch: int, steps: int, rates: dict[str, float]) -> list[str]:
+def bench_presets(batch: int, steps: int, rates: dict[str, tuple[float, float]]) -> list[str]:
     rows = [
         "| core | params core + shell | fwd GFLOPs/img | dtype | step s | CPU s/step | "
-        "images/s | MFU |",
-        "|---|---|---|---|---|---|---|---|",
+        "images/s | images/CPU-s | MFU | MFU per CPU-s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     shell = SHELL_PRESETS["cpu-shallow-64"]
     for name, core in CORE_PRESETS.items():
@@ -132,11 +135,12 @@ def bench_presets(batch: int, steps: int, rates: dict[str, float]) -> list[str]:
             model = UViT(core, shell)
             wall, cpu = timed(train_step_fn(model, batch, dtype == "bf16"), steps)
             # MFU = 3 · F_fwd · B / t / peak  (backward ≈ 2 × forward; PaLM appendix B)
-            mfu = 3 * flops * batch / wall / rates[dtype]
+            step_flops = 3 * flops * batch
+            mfu, mfu_cpu = step_flops / wall / rates[dtype][0], step_flops / cpu / rates[dtype][1]
             rows.append(
                 f"| {name} | {params['core'] / 1e6:.2f}M + {params['shell'] / 1e6:.2f}M | "
                 f"{flops / 1e9:.2f} | {dtype} | {wall:.2f} | {cpu:.2f} | {batch / wall:.1f} | "
-                f"{100 * mfu:.0f}% |"
+                f"{batch / cpu:.1f} | {100 * mfu:.0f}% | {100 * mfu_cpu:.0f}% |"
             )
             print(rows[-1], flush=True)
     return rows
@@ -145,8 +149,8 @@ def bench_presets(batch: int, steps: int, rates: dict[str, float]) -> list[str]:
 def bench_resolutions(core_name: str, batch: int, steps: int, bf16: bool) -> list[str]:
     core = CORE_PRESETS[core_name]
     rows = [
-        "| shell | fwd GFLOPs/img core + shell | step s | CPU s/step | ms/img | "
-        "shell ms/img | shell ns/px |",
+        "| shell | fwd GFLOPs/img core + shell | step s | CPU s/step | CPU ms/img | "
+        "shell CPU ms/img | shell CPU ns/px |",
         "|---|---|---|---|---|---|---|",
     ]
     torch.manual_seed(0)
@@ -155,7 +159,7 @@ def bench_resolutions(core_name: str, batch: int, steps: int, bf16: bool) -> lis
     core_gflops = count_flops(core, shallow)["core"] / 1e9
     rows.append(
         f"| (core alone, fwd + bwd) | {core_gflops:.2f} + 0 | {core_wall:.2f} | "
-        f"{core_cpu:.2f} | {1e3 * core_wall / batch:.0f} | | |"
+        f"{core_cpu:.2f} | {1e3 * core_cpu / batch:.0f} | | |"
     )
     print(rows[-1], flush=True)
     shells = [
@@ -171,13 +175,28 @@ def bench_resolutions(core_name: str, batch: int, steps: int, bf16: bool) -> lis
         flops = count_flops(core, shell)
         torch.manual_seed(0)
         wall, cpu = timed(train_step_fn(UViT(core, shell), batch, bf16), steps)
-        shell_s = (wall - core_wall) / batch
+        shell_cpu = (cpu - core_cpu) / batch
         rows.append(
             f"| cpu-{kind}-{r} | {flops['core'] / 1e9:.2f} + {flops['shell'] / 1e9:.2f} | "
-            f"{wall:.2f} | {cpu:.2f} | {1e3 * wall / batch:.0f} | {1e3 * shell_s:.0f} | "
-            f"{1e9 * shell_s / r**2:.0f} |"
+            f"{wall:.2f} | {cpu:.2f} | {1e3 * cpu / batch:.0f} | {1e3 * shell_cpu:.0f} | "
+            f"{1e9 * shell_cpu / r**2:.0f} |"
         )
         print(rows[-1], flush=True)
+    return rows
+
+
+def paper_table() -> list[str]:
+    """Parameters and forward FLOPs per image of the paper-scale presets (computed, not timed)."""
+    rows = [
+        "| core | shell | core params | shell params | fwd GFLOPs/img core + shell |",
+        "|---|---|---|---|---|",
+    ]
+    for r in preset_table("paper"):
+        rows.append(
+            f"| {r['core']} | {r['shell']} | {r['core_params'] / 1e9:.2f}B | "
+            f"{r['shell_params'] / 1e6:.1f}M | {r['core_flops'] / 1e9:.0f} + "
+            f"{r['shell_flops'] / 1e9:.0f} |"
+        )
     return rows
 
 
@@ -199,7 +218,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per measurement")
     parser.add_argument("--batch", type=int, default=32, help="batch for the preset table")
     parser.add_argument("--grow-batch", type=int, default=4, help="batch for the R table")
-    parser.add_argument("--grow-core", default="cpu-base", help="core for the R table")
+    parser.add_argument("--grow-core", default="cpu-small", help="core for the R table")
     parser.add_argument("--grow-dtype", choices=["fp32", "bf16"], default="bf16")
     parser.add_argument("--matmul-size", type=int, default=2048)
     parser.add_argument(
@@ -226,8 +245,9 @@ def main() -> None:
         "bf16": matmul_rate(torch.bfloat16, args.matmul_size, args.steps),
     }
     rate_line = (
-        f"matmul rate ({args.matmul_size}²): fp32 {rates['fp32'] / 1e9:.0f} GFLOP/s, "
-        f"bf16 {rates['bf16'] / 1e9:.0f} GFLOP/s"
+        f"matmul rate ({args.matmul_size}²), GFLOP/s per wall second / per CPU second: "
+        f"fp32 {rates['fp32'][0] / 1e9:.0f} / {rates['fp32'][1] / 1e9:.0f}, "
+        f"bf16 {rates['bf16'][0] / 1e9:.0f} / {rates['bf16'][1] / 1e9:.0f}"
     )
     print(rate_line, flush=True)
     presets = bench_presets(args.batch, args.steps, rates)
@@ -236,8 +256,9 @@ def main() -> None:
 
     body = "\n".join(
         [
-            f"Measured {datetime.date.today().isoformat()} with `python benchmarks/bench_model.py "
-            f"--steps {args.steps}` on {machine}; load average {load_before:.1f} before, "
+            f"Measured {datetime.date.today().isoformat()} with `python "
+            f"benchmarks/bench_model.py {' '.join(sys.argv[1:])}` on {machine}; load average "
+            f"{load_before:.1f} before, "
             f"{load_after:.1f} after (a shared machine: the lead re-measures on a quiet one).",
             "",
             rate_line + " — the denominator of MFU.",
@@ -245,17 +266,23 @@ def main() -> None:
             f"Training step (forward, backward, AdamW) at 64 px in the `cpu-shallow-64` shell, "
             f"batch {args.batch}, median of {args.steps} steps. MFU = 3 × forward FLOPs × "
             "images/s ÷ the matmul rate of the same dtype (FLOPs: matrix products only, counted "
-            "by the layers).",
+            "by the layers); *per CPU-s* columns use process CPU time instead of wall time on "
+            "both sides, the steadier figure when the machine is shared.",
             "",
             *presets,
             "",
             f"Cost against resolution: the `{args.grow_core}` core in the `cpu` shells, training "
             f"step at batch {args.grow_batch}, {args.grow_dtype}. The core alone costs the same at "
-            "every R; shell ms/img is the step minus the core alone (so it includes AdamW). The "
+            "every R; shell CPU ms/img is the step minus the core alone (it includes AdamW). The "
             "cpu family narrows its channels as levels are added, so the shell's cost per pixel "
             "falls as R grows instead of staying constant.",
             "",
             *grow,
+            "",
+            "Paper-scale presets (from `greedygrow info --family paper`; computed on the meta "
+            "device, so exact and machine-independent):",
+            "",
+            *paper_table(),
         ]
     )
     print()

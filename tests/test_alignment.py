@@ -87,8 +87,9 @@ def verdicts(result):
 
 
 def test_wrong_colour_fails_exactly_that_entitys_questions():
-    scene = make_scene([Group("red", "circle", "striped", 2), Group("blue", "square", "plain", 1)],
-                       seed=3)
+    scene = make_scene(
+        [Group("red", "circle", "striped", 2), Group("blue", "square", "plain", 1)], seed=3
+    )
     wrong = render(recolored(scene, 0, "green"), 256)
     result = score_image(wrong, scene)
     v = verdicts(result)
@@ -101,13 +102,18 @@ def test_wrong_colour_fails_exactly_that_entitys_questions():
 
 
 def test_wrong_count_fails_only_the_count_question():
-    scene = make_scene([Group("purple", "star", "plain", 3), Group("orange", "triangle",
-                                                                   "dotted", 1)], seed=5)
+    scene = make_scene(
+        [Group("purple", "star", "plain", 3), Group("orange", "triangle", "dotted", 1)], seed=5
+    )
     result = score_image(render(without_one_object(scene, 0), 128), scene)
     v = verdicts(result)
     assert not v["how many purple stars are there?"]
-    assert dict(zip([q.text for q in result.questions], result.answers, strict=True))[
-        "how many purple stars are there?"] == 2
+    assert (
+        dict(zip([q.text for q in result.questions], result.answers, strict=True))[
+            "how many purple stars are there?"
+        ]
+        == 2
+    )
     assert v["is there a purple star?"] and v["is there a orange triangle?"]
     assert v["is a orange triangle dotted?"]
 
@@ -123,14 +129,25 @@ def test_every_colour_swap_is_caught(scene_index):
 
 
 def test_attribute_questions_only_where_the_pattern_is_resolvable():
-    scene = make_scene([Group("red", "circle", "striped", 2), Group("red", "circle", "plain", 1),
-                        Group("black", "star", "outlined", 1)], seed=1)
+    scene = make_scene(
+        [
+            Group("red", "circle", "striped", 2),
+            Group("red", "circle", "plain", 1),
+            Group("black", "star", "outlined", 1),
+        ],
+        seed=1,
+    )
     low = make_questions(scene, 64)
     high = make_questions(scene, ATTRIBUTE_MIN_RESOLUTION)
     assert [q.kind for q in low] == ["entity", "count", "entity", "count"]
     assert [q.text for q in high] == [
-        "is there a red circle?", "how many red circles are there?", "is a red circle striped?",
-        "is there a black star?", "how many black stars are there?", "is a black star outlined?"]
+        "is there a red circle?",
+        "how many red circles are there?",
+        "is a red circle striped?",
+        "is there a black star?",
+        "how many black stars are there?",
+        "is a black star outlined?",
+    ]
     count = next(q for q in high if q.kind == "count")
     assert count.expected == 3 and count.parent == "e0"  # two striped + one plain red circle
     assert all(q.parent == "e0" for q in high[1:3])
@@ -138,9 +155,14 @@ def test_attribute_questions_only_where_the_pattern_is_resolvable():
 
 def test_blurry_upsampled_patterns_are_not_credited_as_attributes():
     # a 48 px render upsampled to 256: stripes and dots are a flat tint, the outline is gone
-    scene = make_scene([Group("blue", "square", "striped", 1), Group("green", "circle",
-                                                                    "dotted", 1),
-                        Group("orange", "square", "outlined", 1)], seed=2)
+    scene = make_scene(
+        [
+            Group("blue", "square", "striped", 1),
+            Group("green", "circle", "dotted", 1),
+            Group("orange", "square", "outlined", 1),
+        ],
+        seed=2,
+    )
     blurry = render(scene, 48).resize((256, 256), Image.Resampling.BICUBIC)
     result = score_image(blurry, scene)
     for q, c in zip(result.questions, result.correct, strict=True):
@@ -149,8 +171,9 @@ def test_blurry_upsampled_patterns_are_not_credited_as_attributes():
 
 def test_dependencies_mark_children_of_a_wrong_parent_wrong():
     parent = Question("e0", "entity", "is there a red circle?", "red", "circle", True)
-    child = Question("c0", "count", "how many red circles are there?", "red", "circle", 0,
-                     parent="e0")
+    child = Question(
+        "c0", "count", "how many red circles are there?", "red", "circle", 0, parent="e0"
+    )
     result = score_questions([parent, child], [])
     assert result.answers == [False, 0]
     assert result.correct == [False, False]  # the count is right on its own, but invalid
@@ -158,8 +181,9 @@ def test_dependencies_mark_children_of_a_wrong_parent_wrong():
 
 
 def test_summary_counts_per_number_and_confusion_matrix():
-    det = Detection("red", "circle", None, (0.1, 0.1, 0.2, 0.2), 0.01, 1.0, 0.78, 0.5,
-                    0.0, 0.0, 0.0, 0.0)
+    det = Detection(
+        "red", "circle", None, (0.1, 0.1, 0.2, 0.2), 0.01, 1.0, 0.78, 0.5, 0.0, 0.0, 0.0, 0.0
+    )
     results = []
     for truth_n, found_n in [(1, 1), (2, 2), (2, 1), (5, 6), (3, 0)]:
         scene = make_scene([Group("red", "circle", "plain", truth_n)], seed=0)
@@ -187,8 +211,13 @@ def test_detect_reads_pil_arrays_and_model_tensors_alike():
 def test_detect_finds_nothing_on_a_plain_or_gradient_background():
     scene = sample_scene(7, 1)
     d = scene.to_dict()
-    d["background"] = {"kind": "gradient", "name": "white", "color": [248, 248, 246],
-                       "color2": [220, 220, 220], "angle": 30.0}
+    d["background"] = {
+        "kind": "gradient",
+        "name": "white",
+        "color": [248, 248, 246],
+        "color2": [220, 220, 220],
+        "angle": 30.0,
+    }
     d["objects"], d["groups"] = [], []
     empty = Scene.from_dict(d)
     assert detect(render(empty, 128)) == []

@@ -13,17 +13,18 @@ import torch
 from safetensors.torch import load_file
 
 from greedygrow.checkpoint import state_path
-from test_train import TINY
+from test_train import GROW, TINY
 
 STEPS = 4
 
 
-def _run(out: Path, nproc: int, cache: Path, *extra: str) -> subprocess.CompletedProcess:
+def _run(out: Path, nproc: int, text_cache: Path, *extra: str, command=("train-core", *TINY)
+         ) -> subprocess.CompletedProcess:
     launcher = [sys.executable, "-m", "greedygrow"] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
         f"--nproc_per_node={nproc}", "-m", "greedygrow"]
-    cmd = [*launcher, "train-core", "--out", str(out), *TINY, f"run.steps={STEPS}",
-           "run.checkpoint_every=2", f"data.text_cache_dir={cache}", *extra]
+    cmd = [*launcher, command[0], "--out", str(out), *command[1:], f"run.steps={STEPS}",
+           "run.checkpoint_every=2", f"data.text_cache_dir={text_cache}", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -45,10 +46,10 @@ def _assert_same_run(a: Path, b: Path) -> None:
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory) -> tuple[Path, Path]:
-    cache = tmp_path_factory.mktemp("text-cache")
+    text_cache = tmp_path_factory.mktemp("text-cache")
     run = tmp_path_factory.mktemp("single") / "run"
-    _run(run, 1, cache)
-    return run, cache
+    _run(run, 1, text_cache)
+    return run, text_cache
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +60,9 @@ def fsdp(single, tmp_path_factory) -> Path:
 
 
 def test_ddp_two_processes_equal_one_with_the_same_global_batch(single, tmp_path):
-    reference, cache = single
+    reference, text_cache = single
     run = tmp_path / "ddp"
-    _run(run, 2, cache, "run.parallel=ddp")
+    _run(run, 2, text_cache, "run.parallel=ddp")
     _assert_same_run(run, reference)
     assert len(list((run / "tb").iterdir())) == 1  # rank 0 alone writes logs
 
@@ -72,10 +73,25 @@ def test_fsdp2_two_processes_equal_one_with_the_same_global_batch(single, fsdp):
 
 
 def test_resume_on_a_different_number_of_processes(single, fsdp, tmp_path):
-    reference, cache = single
+    reference, text_cache = single
     run = tmp_path / "resized"
     shutil.copytree(fsdp, run)  # the 2-process FSDP2 run's state at step 2 ...
     state_path(run, STEPS).unlink()
-    done = _run(run, 1, cache)  # ... finished by one process
+    done = _run(run, 1, text_cache)  # ... finished by one process
     assert f"resuming {run} from step 2" in done.stderr
     _assert_same_run(run, reference)
+
+
+@pytest.mark.slow
+def test_fsdp2_unfreeze_equals_one_process(tmp_path, single):
+    core_run = tmp_path / "core"
+    _run(core_run, 1, single[1])
+    grow = ("grow", "--core", str(core_run), "--resolution", "16", "--mode", "unfreeze",
+            "--freeze-steps", "2", *GROW)
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run(one, 1, single[1], command=grow)
+    _run(two, 2, single[1], "run.parallel=fsdp", command=grow)
+    _assert_same_run(two, one)
+    frozen = [json.loads(x)["core_frozen"] for x in (two / "metrics.jsonl").read_text().split("\n")
+              if x]
+    assert frozen == [True, True, False, False]

@@ -30,11 +30,12 @@ from greedygrow.evaluate.distribution import (
 
 def scipy_frechet(mu1, s1, mu2, s2):
     covmean = scipy.linalg.sqrtm(s1 @ s2)
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2)
-                 - 2 * np.trace(covmean.real))
+    return float(
+        ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean.real)
+    )
 
 
-@pytest.mark.parametrize("dim", [8, 64, 256])
+@pytest.mark.parametrize("dim", [8, 64, 128])
 def test_frechet_matches_scipy_sqrtm_reference(dim):
     rng = np.random.default_rng(dim)
     x = rng.normal(size=(4 * dim, dim)) @ rng.normal(size=(dim, dim))
@@ -64,6 +65,8 @@ def test_frechet_of_rank_deficient_set_with_itself_is_zero():
     fd = fid_from_features(x, x)
     trace = np.trace(np.cov(x, rowvar=False))
     assert 0.0 <= fd <= 1e-9 * trace
+    # a pure shift δ of every feature moves only the means: FD = ‖δ‖² = 128 · 3²
+    assert fid_from_features(x, x + 3.0) == pytest.approx(128 * 9.0, rel=1e-3)
 
 
 def test_frechet_rejects_mismatched_shapes():
@@ -83,10 +86,13 @@ def test_cmmd_of_a_set_with_itself_is_zero():
 def test_unbiased_mmd_matches_the_u_statistic_for_unequal_sizes():
     g = torch.Generator().manual_seed(4)
     x, y = torch.randn(30, 5, generator=g).double(), torch.randn(17, 5, generator=g).double() + 1
-    k = lambda a, b: torch.exp(-torch.cdist(a, b) ** 2 / 200)
+    k = lambda a, b: torch.exp(-(torch.cdist(a, b) ** 2) / 200)
     kxx, kyy = k(x, x), k(y, y)
-    expected = ((kxx.sum() - kxx.trace()) / (30 * 29) + (kyy.sum() - kyy.trace()) / (17 * 16)
-                - 2 * k(x, y).mean())
+    expected = (
+        (kxx.sum() - kxx.trace()) / (30 * 29)
+        + (kyy.sum() - kyy.trace()) / (17 * 16)
+        - 2 * k(x, y).mean()
+    )
     assert cmmd(x, y) == pytest.approx(1000 * expected.item(), rel=1e-9)
 
 
@@ -152,6 +158,13 @@ def test_inception_rejects_a_wrong_state_dict(tmp_path):
         InceptionFID.from_file(tmp_path / "bad.safetensors")
 
 
+def test_download_switch_is_the_text_encoders_one():
+    from greedygrow import text
+    from greedygrow.evaluate import distribution
+
+    assert distribution.ALLOW_DOWNLOAD_ENV == text.ALLOW_DOWNLOAD_ENV
+
+
 def test_missing_weights_give_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.delenv("GREEDYGROW_INCEPTION", raising=False)
     missing = tmp_path / "nope.safetensors"
@@ -173,12 +186,27 @@ def tiny_clip() -> ClipFeatures:
 
     torch.manual_seed(0)
     cfg = CLIPConfig(
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, vocab_size=300, max_position_embeddings=40,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=2, image_size=32, patch_size=8),
-        projection_dim=16)
+        text_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            vocab_size=300,
+            max_position_embeddings=40,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=16,
+    )
 
     def tokenize(captions):
         ids = [[1, *[3 + (ord(c) % 290) for c in s[:30]], 2] for s in captions]
@@ -193,8 +221,14 @@ def tiny_dino() -> DinoV2Features:
     from transformers import Dinov2Config, Dinov2Model
 
     torch.manual_seed(0)
-    cfg = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                       intermediate_size=64, image_size=28, patch_size=14)
+    cfg = Dinov2Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=28,
+        patch_size=14,
+    )
     return DinoV2Features(Dinov2Model(cfg), id="tiny-dino", image_size=28)
 
 
@@ -205,8 +239,9 @@ class TinyConvFeatures(FeatureExtractor):
         super().__init__()
         self.id, self.dim = "tiny-conv", 12
         torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Conv2d(3, 12, 3, stride=2), nn.ReLU(),
-                                 nn.Conv2d(12, 12, 3, stride=2))
+        self.net = nn.Sequential(
+            nn.Conv2d(3, 12, 3, stride=2), nn.ReLU(), nn.Conv2d(12, 12, 3, stride=2)
+        )
 
     def features(self, images):
         return self.net(images).mean(dim=(2, 3))

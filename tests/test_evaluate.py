@@ -19,13 +19,23 @@ from greedygrow.model import UViT, core_preset, shell_preset
 
 
 def make_run(path: Path, seed: int, with_log: bool = True) -> Path:
-    """A run folder as training writes it: exported (untrained) weights, meta, loss log."""
+    """A run folder as training writes it: exported weights (random), meta, loss log."""
     torch.manual_seed(seed)
     core = core_preset("cpu-tiny", width=32, depth=1, heads=2)
     model = UViT(core, shell_preset("shallow", 32, "cpu"))
-    meta = {"text_encoder": "minilm", "text_max_length": 32, "resolution": 32,
-            "schedule": schedule_for(32).to_dict(), "guidance": 2.0, "phase": "core",
-            "mode": "scratch", "step": 30}
+    with torch.no_grad():  # zero-initialised exits make every fresh model alike: perturb
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    meta = {
+        "text_encoder": "minilm",
+        "text_max_length": 32,
+        "resolution": 32,
+        "schedule": schedule_for(32).to_dict(),
+        "guidance": 2.0,
+        "phase": "core",
+        "mode": "scratch",
+        "step": 30,
+    }
     path.mkdir(parents=True)
     export_model(path, model, meta)
     if with_log:
@@ -72,8 +82,25 @@ def test_evaluate_cli_on_a_tiny_run_writes_a_report_that_opens(tmp_path):
     run = make_run(tmp_path / "tiny", seed=0)
     out = tmp_path / "report"
     with pytest.raises(SystemExit) as done:
-        main(["evaluate", "--model", str(run), "--out", str(out), "--count", "6",
-              "--seeds", "0", "1", "--steps", "2", "--sampler", "ddim", "--no-distribution"])
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(run),
+                "--out",
+                str(out),
+                "--count",
+                "6",
+                "--seeds",
+                "0",
+                "1",
+                "--steps",
+                "2",
+                "--sampler",
+                "ddim",
+                "--no-distribution",
+            ]
+        )
     assert done.value.code == 0
     page = parse_report(out / "report.html")
     images = decode_all(page, out)
@@ -99,8 +126,10 @@ def test_evaluate_compares_runs_with_distribution_metrics_and_prompt_file(tmp_pa
     a = make_run(tmp_path / "a" / "run", seed=0)
     b = make_run(tmp_path / "b" / "run", seed=1, with_log=False)
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("# scene captions are scored, others only get distribution metrics\n"
-                       "two red circles\na photo of a cat\n\nan outlined blue square\n")
+    prompts.write_text(
+        "# scene captions are scored, others only get distribution metrics\n"
+        "two red circles\na photo of a cat\n\nan outlined blue square\n"
+    )
     refs = tmp_path / "refs"
     refs.mkdir()
     for i in range(6):
@@ -109,9 +138,17 @@ def test_evaluate_compares_runs_with_distribution_metrics_and_prompt_file(tmp_pa
     ext = Extractors(inception=TinyConvFeatures(), clip=tiny_clip(), notes={"dinov2": "none"})
     settings = Settings(sampler="ddim", steps=2, seeds=(3, 4), resolution=48)
     with pytest.warns(UserWarning, match="skipped 1 undecodable"):
-        paths = evaluate(a, tmp_path / "out", [b], str(prompts), references=str(refs),
-                         settings=settings, extractors=ext, cache_dir=tmp_path / "cache",
-                         progress=None)
+        paths = evaluate(
+            a,
+            tmp_path / "out",
+            [b],
+            str(prompts),
+            references=str(refs),
+            settings=settings,
+            extractors=ext,
+            cache_dir=tmp_path / "cache",
+            progress=None,
+        )
     metrics = json.loads(paths["metrics"].read_text())
     assert [r["name"] for r in metrics["runs"]] == ["a-run", "b-run"]
     for r in metrics["runs"]:
@@ -130,8 +167,18 @@ def test_evaluate_compares_runs_with_distribution_metrics_and_prompt_file(tmp_pa
 
 def test_evaluate_reports_a_missing_run_clearly(tmp_path, capsys):
     with pytest.raises(SystemExit) as done:
-        main(["evaluate", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o"),
-              "--no-distribution", "--count", "2"])
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(tmp_path / "nope"),
+                "--out",
+                str(tmp_path / "o"),
+                "--no-distribution",
+                "--count",
+                "2",
+            ]
+        )
     assert done.value.code == 2
     assert "nope does not exist" in capsys.readouterr().err
 
@@ -143,6 +190,19 @@ def test_prompt_file_parses_scene_captions(tmp_path):
     assert prompts.captions == ["three striped yellow stars", "a dog", "six red circles"]
     assert prompts.scenes[0].groups[0].count == 3 and prompts.scenes[1] is None
     assert prompts.scenes[2] is None  # six is not a scenes count: no ground truth
+
+
+def test_settings_reject_bad_seeds_and_sizes():
+    for bad in (
+        dict(seeds=()),
+        dict(seeds=(1, 1)),
+        dict(seeds=(-1,)),
+        dict(seeds=(10_000,)),
+        dict(steps=0),
+        dict(resolution=8),
+    ):
+        with pytest.raises(ValueError):
+            Settings(**bad)
 
 
 def test_run_names_are_distinct():

@@ -56,7 +56,7 @@ def cache(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def core_run(tmp_path_factory, cache) -> Path:
     run = tmp_path_factory.mktemp("core")
-    train(train_core_config(None, [*TINY, "run.steps=3", cache]), run)
+    train(train_core_config(None, [*TINY, "run.steps=3", "run.sample_every=2", cache]), run)
     return run
 
 
@@ -76,7 +76,8 @@ def test_train_core_writes_a_complete_run_folder(core_run):
     assert any((core_run / "tb").iterdir())
     meta = json.loads((core_run / "model.json").read_text())
     assert meta["phase"] == "core" and meta["step"] == 3 and meta["shell"]["kind"] == "shallow"
-    assert sorted(p.name for p in (core_run / "samples").iterdir()) == ["step-0000003.png"]
+    grids = sorted(p.name for p in (core_run / "samples").iterdir())
+    assert grids == ["step-0000002.png", "step-0000003.png"]  # every 2 steps and the last
 
 
 def test_grow_keeps_core_weights(core_run, cache):
@@ -158,7 +159,8 @@ def test_unreachable_resolution_is_refused_before_any_work(core_run, tmp_path, c
 
 def test_resume_refuses_a_different_config(core_run, cache):
     with pytest.raises(ConfigError, match=r"optim\.lr"):
-        train(train_core_config(None, [*TINY, "run.steps=3", cache, "optim.lr=5e-4"]), core_run)
+        train(train_core_config(None, [*TINY, "run.steps=3", "run.sample_every=2", cache,
+                                       "optim.lr=5e-4"]), core_run)
 
 
 def test_truncated_latest_checkpoint_falls_back_with_a_warning(tmp_path, cache, caplog):
@@ -227,3 +229,13 @@ def test_kill_9_then_rerun_resumes_with_the_uninterrupted_losses(tmp_path, cache
     assert _losses(run) == _losses(reference)
     a, b = load_file(run / "model-raw.safetensors"), load_file(reference / "model-raw.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_torch_compile_trains_like_eager(tmp_path, cache):
+    eager = train(train_core_config(None, [*TINY, "run.steps=2", cache]), tmp_path / "eager")
+    compiled = train(train_core_config(None, [*TINY, "run.steps=2", "model.compile=true", cache]),
+                     tmp_path / "compiled")
+    assert [s for s, _ in _losses(compiled)] == [1, 2]
+    for (_, a), (_, b) in zip(_losses(compiled), _losses(eager), strict=True):
+        assert a == pytest.approx(b, rel=1e-3)

@@ -86,9 +86,9 @@ class OptimConfig:
 class RunConfig:
     steps: int = 1000
     batch_size: int = 32  # global batch, split evenly over the processes
-    log_every: int = 10
-    sample_every: int = 500  # 0: never (a final grid is still written)
-    checkpoint_every: int = 250
+    log_every: int = 10  # metrics every N steps (0: only the last)
+    sample_every: int = 500  # grids at these steps and at the last one; 0: no grids
+    checkpoint_every: int = 250  # training state + exports every N steps (0: only the last)
     keep: int = 2  # training states kept in RUN/state
     seed: int = 0
     precision: str = "fp32"  # fp32 | bf16 (autocast)

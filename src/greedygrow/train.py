@@ -110,7 +110,8 @@ def _train(cfg: Config, run: Path, env: Env) -> Path:
     _write_config(cfg, run, env)
     batches = _batches(cfg, env, step, local_batch)
     logger = _Logger(cfg, run, env, step) if env.main else None
-    sampler_model = UViT(t.core_cfg, t.shell_cfg).to(env.device).eval() if env.main else None
+    sampler_model = (UViT(t.core_cfg, t.shell_cfg).to(env.device).eval()
+                     if env.main and r.sample_every else None)
     pending_loss, pending_n, busy = torch.zeros((), device=env.device), 0, 0.0
     while step < r.steps:
         t.set_frozen(_core_frozen_at(cfg, step))
@@ -123,16 +124,16 @@ def _train(cfg: Config, run: Path, env: Env) -> Path:
         pending_loss += loss.detach()
         pending_n += 1
         busy += time.perf_counter() - tic
-        if step % max(r.log_every, 1) == 0 or step == r.steps:
+        if (r.log_every and step % r.log_every == 0) or step == r.steps:
             mean_loss = _all_mean(pending_loss / pending_n, env)
             if logger is not None:
                 logger.log(step, {"loss": mean_loss, "lr": lr, "grad_norm": grad_norm,
                                   "images_per_s": pending_n * r.batch_size / busy,
                                   "core_frozen": t.frozen})
             pending_loss, pending_n, busy = torch.zeros((), device=env.device), 0, 0.0
-        if step % max(r.checkpoint_every, 1) == 0 or step == r.steps:
+        if (r.checkpoint_every and step % r.checkpoint_every == 0) or step == r.steps:
             _checkpoint(cfg, run, env, t, step, schedule)
-        if (r.sample_every and step % r.sample_every == 0) or step == r.steps:
+        if r.sample_every and (step % r.sample_every == 0 or step == r.steps):
             ema = t.full_ema()
             if sampler_model is not None:
                 sampler_model.load_state_dict(ema)
@@ -519,14 +520,14 @@ def _checkpoint(cfg: Config, run: Path, env: Env, t: Trainable, step: int, sched
         save_state(run, step, {"step": step, "config": to_dict(cfg), **state,
                                "data": {"position": step * cfg.run.batch_size}},
                    keep=cfg.run.keep)
-        meta = export_meta(cfg, t, schedule, step)
+        meta = export_meta(cfg, schedule, step)
         meta.update(core=t.core_cfg.to_dict(), shell=t.shell_cfg.to_dict())
         export_model(run, state["ema"], meta, name="model")
         export_model(run, state["model"], meta, name="model-raw")
     _barrier(env)
 
 
-def export_meta(cfg: Config, t: Trainable, schedule: Schedule, step: int) -> dict:
+def export_meta(cfg: Config, schedule: Schedule, step: int) -> dict:
     """What inference needs besides the weights (written to RUN/model.json)."""
     return {
         "text_encoder": cfg.data.text_encoder,
@@ -603,16 +604,19 @@ def _to_array(img: Image.Image):
 def sample_grid(model: nn.Module, encoder, schedule: Schedule, prompts: list[str],
                 per_prompt: int, steps: int, sampler: str, guidance: float, seed: int,
                 device: torch.device | str = "cpu") -> Image.Image:
-    """One row per prompt, `per_prompt` images (seeds seed..seed+per_prompt−1), labelled."""
-    rows = []
+    """One row per prompt, `per_prompt` images (seeds seed..seed+per_prompt−1), labelled.
+
+    All images are sampled as one batch; image j of every prompt uses seed + j, so a row
+    differs from another only by its prompt.
+    """
     res = model.shell_config.resolution
-    for prompt in prompts:
-        text = encoder.encode([prompt]).to(device)
-        denoise = uvit_denoiser(model, text.tokens, text.mask, text.pooled)
-        x = sample(denoise, (per_prompt, 3, res, res), schedule, steps=steps, sampler=sampler,
-                   guidance=guidance, seeds=[seed + j for j in range(per_prompt)], device=device)
-        rows.append(x.cpu())
-    return labelled_grid(rows, prompts)
+    text = encoder.encode(list(prompts)).to(device).repeat_interleave(per_prompt)
+    denoise = uvit_denoiser(model, text.tokens, text.mask, text.pooled)
+    n = len(prompts) * per_prompt
+    x = sample(denoise, (n, 3, res, res), schedule, steps=steps, sampler=sampler,
+               guidance=guidance, seeds=[seed + i % per_prompt for i in range(n)],
+               device=device)
+    return labelled_grid(list(x.cpu().split(per_prompt)), prompts)
 
 
 def labelled_grid(rows: list[Tensor], labels: list[str], min_cell: int = 96) -> Image.Image:
@@ -669,7 +673,7 @@ def _demo_settings(quick: bool) -> tuple[list[str], list[str], int]:
     """(train-core overrides, grow overrides, grown resolution) of `greedygrow demo`.
 
     Sized from DESIGN's CPU measurements (cpu-small at 32 px: ~18 images/s on 2 cores in
-    bf16): ~12 min of phase 1 (12,800 images), ~2 min of phase 2, ~1 min of sampling.
+    bf16): ~11 min of phase 1 (11,520 images), ~2 min of phase 2, ~1 min of sampling.
     """
     common = ["data.source=scenes", "run.precision=bf16", "data.workers=1", "run.log_every=5",
               "run.sample_per_prompt=2", "run.sample_guidance=3.0"]
@@ -681,12 +685,12 @@ def _demo_settings(quick: bool) -> tuple[list[str], list[str], int]:
                  "run.sample_every=0", "run.sample_steps=4", "data.count=4000",
                  "optim.warmup_steps=4"]
         return core, grown, 64
-    core = [*common, "model.core=cpu-small", "model.resolution=32", "run.steps=400",
-            "run.batch_size=32", "run.checkpoint_every=100", "run.sample_every=200",
+    core = [*common, "model.core=cpu-small", "model.resolution=32", "run.steps=360",
+            "run.batch_size=32", "run.checkpoint_every=120", "run.sample_every=180",
             "run.sample_steps=20", "data.count=100000", "optim.warmup_steps=50",
             "optim.lr=5e-4", "optim.ema_decay=0.995"]
     grown = [*common, "run.steps=60", "run.batch_size=16", "run.checkpoint_every=30",
-             "run.sample_every=0", "run.sample_steps=20", "data.count=100000",
+             "run.sample_every=60", "run.sample_steps=20", "data.count=100000",
              "optim.warmup_steps=10", "optim.lr=5e-4", "optim.ema_decay=0.98"]
     return core, grown, 64
 
@@ -702,17 +706,22 @@ def demo(out: str | Path, quick: bool = False) -> dict[str, Path]:
     t0 = time.time()
     print(f"[demo] phase 1: training a Shallow-UViT core at 32 px -> {out / 'core'}")
     train(train_core_config(None, [*core_over, cache]), out / "core")
-    print(f"[demo] phase 2: growing it to {res} px, core frozen (greedy) -> {out / 'grown'}")
+    print(f"[demo] phase 1 took {time.time() - t0:.0f} s; phase 2: growing the core to {res} px, "
+          f"frozen (greedy) -> {out / 'grown'}")
+    t1 = time.time()
     train(grow_config(str(out / "core"), res, "greedy", None, None, [*grow_over, cache]),
           out / "grown")
+    print(f"[demo] phase 2 took {time.time() - t1:.0f} s; sampling held-out prompts")
     # held-out prompts: captions of scenes from a seed the training never saw
     prompts = [sample_scene(7919, i).caption for i in range(3 if quick else 6)]
-    grid = sample_run(out / "grown", out / "samples.png", prompts, steps=4 if quick else 25,
+    grid = sample_run(out / "grown", out / "samples.png", prompts, steps=4 if quick else 20,
                       guidance=3.0, per_prompt=2 if quick else 4)
     written = {"core run": out / "core", "grown run": out / "grown", "samples": grid,
                "core metrics": out / "core" / "metrics.jsonl",
-               "grown metrics": out / "grown" / "metrics.jsonl",
-               "training grids": out / "grown" / "samples"}
+               "grown metrics": out / "grown" / "metrics.jsonl"}
+    for phase in ("core", "grown"):
+        if (out / phase / "samples").is_dir():
+            written[f"{phase} grids"] = out / phase / "samples"
     print(f"[demo] done in {time.time() - t0:.0f} s. Wrote:")
     for name, path in written.items():
         print(f"  {name:15s} {path}")

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 from scipy import ndimage
+from scipy.spatial import ConvexHull, QhullError
 
 from greedygrow.data.scenes import COLORS, OUTLINE_WIDTH, SHAPES, TINT, Scene
 
@@ -99,15 +100,32 @@ def make_questions(truth: Scene | dict | str, resolution: int) -> list[Question]
     out: list[Question] = []
     for i, ((color, shape), n) in enumerate(entities.items()):
         parent = f"e{i}"
-        out.append(Question(parent, "entity", f"is there a {color} {shape}?", color, shape,
-                            True))
-        out.append(Question(f"c{i}", "count", f"how many {color} {_plural(shape)} are there?",
-                            color, shape, n, parent=parent))
+        out.append(Question(parent, "entity", f"is there a {color} {shape}?", color, shape, True))
+        out.append(
+            Question(
+                f"c{i}",
+                "count",
+                f"how many {color} {_plural(shape)} are there?",
+                color,
+                shape,
+                n,
+                parent=parent,
+            )
+        )
         if resolution >= ATTRIBUTE_MIN_RESOLUTION:
             for j, attr in enumerate(attributes.get((color, shape), [])):
-                out.append(Question(f"a{i}.{j}", "attribute",
-                                    f"is a {color} {shape} {attr}?", color, shape, True,
-                                    attribute=attr, parent=parent))
+                out.append(
+                    Question(
+                        f"a{i}.{j}",
+                        "attribute",
+                        f"is a {color} {shape} {attr}?",
+                        color,
+                        shape,
+                        True,
+                        attribute=attr,
+                        parent=parent,
+                    )
+                )
     return out
 
 
@@ -181,33 +199,34 @@ def _fit_background(img: np.ndarray, use: np.ndarray, degree: int) -> np.ndarray
     gy = ((np.arange(h, dtype=np.float32) + 0.5) / h - 0.5)[:, None]
     terms = _terms(gx, gy, degree)
     coef = coef.astype(np.float32)
-    return np.stack([sum(t * c for t, c in zip(terms, coef[:, ch], strict=True))
-                     for ch in range(3)], -1)
+    return np.stack(
+        [sum(t * c for t, c in zip(terms, coef[:, ch], strict=True)) for ch in range(3)], -1
+    )
 
 
 @dataclass
 class _PixelMaps:
     label: np.ndarray  # int colour index per pixel, −1 = background / unexplained
     cover: np.ndarray  # object coverage in [0, 1] (0.5 = halfway to the colour's tint)
-    tint: np.ndarray  # s ∈ [0, 1]: position between the colour (0) and its tint (1)
 
 
 def _label_pixels(img: np.ndarray, bg: np.ndarray, noise: float) -> _PixelMaps:
     """Each pixel as B + a (ink − B) for the best of the colour and tint inks.
 
-    Only pixels at least MIN_CONTRAST from the background are fitted: half the way from any
-    background to the nearest tint is more than twice that, so no object pixel is skipped.
+    Only pixels significantly far from the background are fitted: ‖p − B‖ above MIN_CONTRAST
+    (half the way from any background to the nearest tint is more than twice that) and above
+    2·√3·σ (σ the per-channel noise: pure noise passes with probability < 1%, so a noise image
+    yields no objects).
     """
     h, w, _ = img.shape
     d_all = img - bg
-    idx = np.flatnonzero((d_all * d_all).sum(-1) > MIN_CONTRAST**2)
+    threshold = max(MIN_CONTRAST, 2.0 * math.sqrt(3.0) * noise)
+    idx = np.flatnonzero((d_all * d_all).sum(-1) > threshold**2)
     label = np.full(h * w, -1, dtype=np.int64)
     cover = np.zeros(h * w, dtype=np.float32)
-    tint = np.zeros(h * w, dtype=np.float32)
     if idx.size:
         d = d_all.reshape(-1, 3)[idx].T  # planar [3, N]: channel sums stay vectorised
         b = bg.reshape(-1, 3)[idx].T
-        p = img.reshape(-1, 3)[idx].T
         best = np.full(idx.size, np.inf, dtype=np.float32)
         lab = np.zeros(idx.size, dtype=np.int64)
         cov = np.zeros(idx.size, dtype=np.float32)
@@ -226,14 +245,19 @@ def _label_pixels(img: np.ndarray, bg: np.ndarray, noise: float) -> _PixelMaps:
                 ct = np.clip(_dot(d, et) / np.maximum(_dot(et, et), 1e-6), 0.0, 1.0)
                 cov = np.where(better, ct, cov)
         dist = np.sqrt(_dot(d, d))
-        explained = np.sqrt(best) < 0.08 + 0.35 * dist + 3 * noise  # B + one palette ink
+        # a blend of B and one palette ink, up to noise (capped: noise is no licence)
+        explained = np.sqrt(best) < 0.08 + 0.35 * dist + 3 * min(noise, 0.05)
         lab = np.where(explained & (cov >= 0.5), lab, -1)
-        c = _INKS_RGB[np.maximum(lab, 0)].T
-        tc = _TINTS_RGB[np.maximum(lab, 0)].T - c
-        # s = ⟨p − c, t − c⟩ / ‖t − c‖²: 0 at the colour, 1 at its tint (full-coverage pixels)
         label[idx], cover[idx] = lab, cov
-        tint[idx] = np.clip(_dot(p - c, tc) / _dot(tc, tc), 0.0, 1.0)
-    return _PixelMaps(label.reshape(h, w), cover.reshape(h, w), tint.reshape(h, w))
+    return _PixelMaps(label.reshape(h, w), cover.reshape(h, w))
+
+
+def _tint_map(img: np.ndarray, k: int) -> np.ndarray:
+    """s = ⟨p − c, t − c⟩ / ‖t − c‖² ∈ [0, 1]: 0 at colour k, 1 at its tint (for pixels fully
+    inside an object of colour k)."""
+    c, t = _INKS_RGB[k], _TINTS_RGB[k]
+    tc = t - c
+    return np.clip(((img - c) * tc).sum(-1) / float(tc @ tc), 0.0, 1.0)
 
 
 def _dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -251,8 +275,9 @@ def _shape_descriptors(mask: np.ndarray, cover: np.ndarray) -> tuple[float, floa
     ys, xs = np.nonzero(mask)
     size = max(ys.max() - ys.min(), xs.max() - xs.min()) + 1
     up = int(np.clip(math.ceil(96 / size), 1, 16))
-    fine = ndimage.zoom(np.where(mask, cover, 0.0).astype(np.float32), up, order=1,
-                        mode="nearest", grid_mode=True)
+    fine = ndimage.zoom(
+        np.where(mask, cover, 0.0).astype(np.float32), up, order=1, mode="nearest", grid_mode=True
+    )
     fine = ndimage.binary_fill_holes(fine >= 0.5)
     area = float(fine.sum())
     if area < 9:
@@ -263,15 +288,17 @@ def _shape_descriptors(mask: np.ndarray, cover: np.ndarray) -> tuple[float, floa
     ey, ex = np.nonzero(edge)
     pts = np.stack([ex, ey], 1).astype(np.float64) + 0.5  # boundary pixel centres
     try:
-        from scipy.spatial import ConvexHull
-
         hull = pts[ConvexHull(pts).vertices]
-    except Exception:  # degenerate (collinear) component
+    except QhullError:  # degenerate (collinear) component
         return 1.0, 1.0, float(cy)
-    # the hull through boundary-pixel centres misses half a pixel all round: add it back
+    # shoelace: A = ½ |Σ x_i y_{i−1} − y_i x_{i−1}|
+    shoelace = 0.5 * abs(
+        np.dot(hull[:, 0], np.roll(hull[:, 1], 1)) - np.dot(hull[:, 1], np.roll(hull[:, 0], 1))
+    )
     perim = np.linalg.norm(np.roll(hull, -1, 0) - hull, axis=1).sum()
-    hull_area = 0.5 * abs(np.dot(hull[:, 0], np.roll(hull[:, 1], 1))
-                          - np.dot(hull[:, 1], np.roll(hull[:, 0], 1))) + 0.5 * perim + 1.0
+    # the hull through pixel centres misses half a pixel all round; grown by a pixel square:
+    # A' ≈ A + ½ P + 1 (Minkowski sum with a unit square; exact for axis-aligned edges)
+    hull_area = shoelace + 0.5 * perim + 1.0
     # minimum-area enclosing rectangle: one side lies along a hull edge (rotating calipers)
     edges = np.roll(hull, -1, 0) - hull
     ang = np.arctan2(edges[:, 1], edges[:, 0])
@@ -294,8 +321,9 @@ def _classify_shape(solidity: float, extent: float, height: float) -> str:
     return "square" if extent >= 0.89 else "circle"
 
 
-def _attribute_features(mask: np.ndarray, tint: np.ndarray, ring_px: float
-                        ) -> tuple[float, float, float, float]:
+def _attribute_features(
+    mask: np.ndarray, tint: np.ndarray, ring_px: float
+) -> tuple[float, float, float, float]:
     """(mean s, std s, coherence, ring contrast) of the tint map s inside one object."""
     depth = ndimage.distance_transform_edt(mask)
     inner = depth > ring_px + 1.0  # inside the outline ring (if there is one)
@@ -330,8 +358,9 @@ def _downsample(img: np.ndarray, limit: int) -> np.ndarray:
     return img[:h, :w].reshape(h // f, f, w // f, f, 3).mean((1, 3))
 
 
-def detect(image: Image.Image | np.ndarray | torch.Tensor,
-           min_area: float = 0.0015) -> list[Detection]:
+def detect(
+    image: Image.Image | np.ndarray | torch.Tensor, min_area: float = 0.0015
+) -> list[Detection]:
     """Objects in an image: colour, shape and (from ATTRIBUTE_MIN_RESOLUTION up) attribute.
 
     Images above ANALYSIS_MAX px are analysed block-averaged to ≥ ANALYSIS_MAX px (every
@@ -340,8 +369,9 @@ def detect(image: Image.Image | np.ndarray | torch.Tensor,
     """
     full = to_array(image)
     if min(full.shape[:2]) < 16:
-        raise ValueError(f"image of {full.shape[1]}×{full.shape[0]} px is too small to "
-                         "analyse (at least 16 px)")
+        raise ValueError(
+            f"image of {full.shape[1]}×{full.shape[0]} px is too small to analyse (at least 16 px)"
+        )
     resolve = min(full.shape[:2]) >= ATTRIBUTE_MIN_RESOLUTION
     img = _downsample(full, ANALYSIS_MAX)
     h, w, _ = img.shape
@@ -370,19 +400,31 @@ def detect(image: Image.Image | np.ndarray | torch.Tensor,
             if area < max(min_area * h * w, 3.0):
                 continue
             solidity, extent, height = _shape_descriptors(
-                ndimage.binary_dilation(mask), maps.cover[pad])
+                ndimage.binary_dilation(mask), maps.cover[pad]
+            )
             mean, std, coherence, ring = _attribute_features(
-                ndimage.binary_fill_holes(mask), maps.tint[pad], ring_px)
+                ndimage.binary_fill_holes(mask), _tint_map(img[pad], k), ring_px
+            )
             std = math.sqrt(max(std * std - s_noise * s_noise, 0.0))  # pattern, not noise
             ys, xs = np.nonzero(mask)
             y0, x0 = ys.min() + pad[0].start, xs.min() + pad[1].start
             y1, x1 = ys.max() + pad[0].start + 1, xs.max() + pad[1].start + 1
-            out.append(Detection(
-                color=color, shape=_classify_shape(solidity, extent, height),
-                attribute=_classify_attribute(mean, std, coherence, ring) if resolve else None,
-                box=(x0 / w, y0 / h, x1 / w, y1 / h), area=area / (h * w),
-                solidity=solidity, extent=extent, height=height, tint_mean=mean,
-                tint_std=std, coherence=coherence, ring_contrast=ring))
+            out.append(
+                Detection(
+                    color=color,
+                    shape=_classify_shape(solidity, extent, height),
+                    attribute=_classify_attribute(mean, std, coherence, ring) if resolve else None,
+                    box=(x0 / w, y0 / h, x1 / w, y1 / h),
+                    area=area / (h * w),
+                    solidity=solidity,
+                    extent=extent,
+                    height=height,
+                    tint_mean=mean,
+                    tint_std=std,
+                    coherence=coherence,
+                    ring_contrast=ring,
+                )
+            )
     return out
 
 
@@ -401,8 +443,10 @@ def answer(question: Question, detections: Sequence[Detection]) -> bool | int:
         return len(matches)
     if question.kind == "attribute":
         if any(d.attribute is None for d in matches):
-            raise ValueError(f"{question.text!r}: attributes are not resolvable below "
-                             f"{ATTRIBUTE_MIN_RESOLUTION} px; make_questions does not ask them")
+            raise ValueError(
+                f"{question.text!r}: attributes are not resolvable below "
+                f"{ATTRIBUTE_MIN_RESOLUTION} px; make_questions does not ask them"
+            )
         return any(d.attribute == question.attribute for d in matches)
     raise ValueError(f"unknown question kind {question.kind!r}")
 
@@ -429,33 +473,41 @@ class PromptResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "caption": self.caption, "resolution": self.resolution, "score": self.score,
+            "caption": self.caption,
+            "resolution": self.resolution,
+            "score": self.score,
             "all_correct": self.all_correct,
-            "questions": [{**asdict(q), "answer": a, "correct": c}
-                          for q, a, c in zip(self.questions, self.answers, self.correct,
-                                             strict=True)],
+            "questions": [
+                {**asdict(q), "answer": a, "correct": c}
+                for q, a, c in zip(self.questions, self.answers, self.correct, strict=True)
+            ],
             "detections": [asdict(d) for d in self.detections],
         }
 
 
-def score_questions(questions: Sequence[Question], detections: Sequence[Detection],
-                    caption: str = "", resolution: int = 0) -> PromptResult:
+def score_questions(
+    questions: Sequence[Question],
+    detections: Sequence[Detection],
+    caption: str = "",
+    resolution: int = 0,
+) -> PromptResult:
     """Answer `questions` from `detections` and apply DSG's parent → child dependencies."""
     answers = [answer(q, detections) for q in questions]
     raw = {q.id: a == q.expected for q, a in zip(questions, answers, strict=True)}
     correct = [raw[q.id] and (q.parent is None or raw[q.parent]) for q in questions]
-    return PromptResult(caption, resolution, list(questions), answers, correct,
-                        list(detections))
+    return PromptResult(caption, resolution, list(questions), answers, correct, list(detections))
 
 
-def score_image(image: Image.Image | np.ndarray | torch.Tensor,
-                truth: Scene | dict | str) -> PromptResult:
+def score_image(
+    image: Image.Image | np.ndarray | torch.Tensor, truth: Scene | dict | str
+) -> PromptResult:
     """Detect objects in `image` and score them against the prompt's ground truth."""
     arr = to_array(image)
     scene = as_scene(truth)
     resolution = min(arr.shape[:2])
-    return score_questions(make_questions(scene, resolution), detect(arr), scene.caption,
-                           resolution)
+    return score_questions(
+        make_questions(scene, resolution), detect(arr), scene.caption, resolution
+    )
 
 
 def summarize(results: Iterable[PromptResult]) -> dict[str, Any]:
@@ -511,10 +563,19 @@ def scene_prompts(count: int, seed: int = EVAL_SEED) -> list[Scene]:
     for i in range(count):
         if i % 2 == 0:
             n = (i // 2) % MAX_COUNT + 1
-            g = Group(_COLOR_NAMES[rng.integers(len(_COLOR_NAMES))],
-                      SHAPES[rng.integers(len(SHAPES))], attrs[rng.integers(len(attrs))], n)
-            scenes.append(make_scene([g], seed=int(rng.integers(2**31)),
-                                     background=["white", "light grey", "cream"][i % 3]))
+            g = Group(
+                _COLOR_NAMES[rng.integers(len(_COLOR_NAMES))],
+                SHAPES[rng.integers(len(SHAPES))],
+                attrs[rng.integers(len(attrs))],
+                n,
+            )
+            scenes.append(
+                make_scene(
+                    [g],
+                    seed=int(rng.integers(2**31)),
+                    background=["white", "light grey", "cream"][i % 3],
+                )
+            )
         else:
             scenes.append(sample_scene(seed, i))
     return scenes

@@ -35,8 +35,7 @@ from safetensors.numpy import save_file as save_numpy_file
 from safetensors.torch import load_file as load_torch_file
 from torch import Tensor, nn
 
-from greedygrow.text import ALLOW_DOWNLOAD_ENV
-
+ALLOW_DOWNLOAD_ENV = "GREEDYGROW_ALLOW_DOWNLOAD"  # the switch greedygrow.text reads too
 INCEPTION_ENV = "GREEDYGROW_INCEPTION"
 INCEPTION_DEFAULT = Path.home() / ".cache" / "greedygrow" / "pt_inception-2015-12-05.safetensors"
 DINOV2_DEFAULT = "facebook/dinov2-large"
@@ -79,10 +78,15 @@ def resize_crop(images: Tensor, size: int, mode: str = "bicubic") -> Tensor:
     scale = size / min(h, w)
     nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
     if (nh, nw) != (h, w):
-        images = F.interpolate(images, size=(nh, nw), mode=mode, align_corners=False,
-                               antialias=mode in ("bilinear", "bicubic"))
+        images = F.interpolate(
+            images,
+            size=(nh, nw),
+            mode=mode,
+            align_corners=False,
+            antialias=mode in ("bilinear", "bicubic"),
+        )
     top, left = (nh - size) // 2, (nw - size) // 2
-    return images[..., top:top + size, left:left + size]
+    return images[..., top : top + size, left : left + size]
 
 
 def _normalize(images01: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
@@ -120,12 +124,15 @@ class _BlockA(nn.Module):
         self.branch_pool = _ConvBN(cin, pool, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.cat([
-            self.branch1x1(x),
-            self.branch5x5_2(self.branch5x5_1(x)),
-            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-            self.branch_pool(_avg3(x)),
-        ], 1)
+        return torch.cat(
+            [
+                self.branch1x1(x),
+                self.branch5x5_2(self.branch5x5_1(x)),
+                self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                self.branch_pool(_avg3(x)),
+            ],
+            1,
+        )
 
 
 class _BlockB(nn.Module):
@@ -137,11 +144,14 @@ class _BlockB(nn.Module):
         self.branch3x3dbl_3 = _ConvBN(96, 96, 3, stride=2)
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.cat([
-            self.branch3x3(x),
-            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-            F.max_pool2d(x, 3, stride=2),
-        ], 1)
+        return torch.cat(
+            [
+                self.branch3x3(x),
+                self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                F.max_pool2d(x, 3, stride=2),
+            ],
+            1,
+        )
 
 
 class _BlockC(nn.Module):
@@ -160,15 +170,23 @@ class _BlockC(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         d = x
-        for layer in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3,
-                      self.branch7x7dbl_4, self.branch7x7dbl_5):
+        for layer in (
+            self.branch7x7dbl_1,
+            self.branch7x7dbl_2,
+            self.branch7x7dbl_3,
+            self.branch7x7dbl_4,
+            self.branch7x7dbl_5,
+        ):
             d = layer(d)
-        return torch.cat([
-            self.branch1x1(x),
-            self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x))),
-            d,
-            self.branch_pool(_avg3(x)),
-        ], 1)
+        return torch.cat(
+            [
+                self.branch1x1(x),
+                self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x))),
+                d,
+                self.branch_pool(_avg3(x)),
+            ],
+            1,
+        )
 
 
 class _BlockD(nn.Module):
@@ -183,11 +201,16 @@ class _BlockD(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b = x
-        for layer in (self.branch7x7x3_1, self.branch7x7x3_2, self.branch7x7x3_3,
-                      self.branch7x7x3_4):
+        for layer in (
+            self.branch7x7x3_1,
+            self.branch7x7x3_2,
+            self.branch7x7x3_3,
+            self.branch7x7x3_4,
+        ):
             b = layer(b)
-        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b,
-                          F.max_pool2d(x, 3, stride=2)], 1)
+        return torch.cat(
+            [self.branch3x3_2(self.branch3x3_1(x)), b, F.max_pool2d(x, 3, stride=2)], 1
+        )
 
 
 class _BlockE(nn.Module):
@@ -208,12 +231,17 @@ class _BlockE(nn.Module):
         a = self.branch3x3_1(x)
         d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         pooled = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else _avg3(x)
-        return torch.cat([
-            self.branch1x1(x),
-            self.branch3x3_2a(a), self.branch3x3_2b(a),
-            self.branch3x3dbl_3a(d), self.branch3x3dbl_3b(d),
-            self.branch_pool(pooled),
-        ], 1)
+        return torch.cat(
+            [
+                self.branch1x1(x),
+                self.branch3x3_2a(a),
+                self.branch3x3_2b(a),
+                self.branch3x3dbl_3a(d),
+                self.branch3x3dbl_3b(d),
+                self.branch_pool(pooled),
+            ],
+            1,
+        )
 
 
 class InceptionFID(FeatureExtractor):
@@ -253,8 +281,19 @@ class InceptionFID(FeatureExtractor):
         x = F.max_pool2d(x, 3, stride=2)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
         x = F.max_pool2d(x, 3, stride=2)
-        for name in ("Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c",
-                     "Mixed_6d", "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c"):
+        for name in (
+            "Mixed_5b",
+            "Mixed_5c",
+            "Mixed_5d",
+            "Mixed_6a",
+            "Mixed_6b",
+            "Mixed_6c",
+            "Mixed_6d",
+            "Mixed_6e",
+            "Mixed_7a",
+            "Mixed_7b",
+            "Mixed_7c",
+        ):
             x = getattr(self, name)(x)
         return x.mean(dim=(2, 3))
 
@@ -276,17 +315,20 @@ class InceptionFID(FeatureExtractor):
         if missing:
             raise WeightsUnavailableError(
                 f"{path} is not an FID InceptionV3 state dict: {len(missing)} tensors missing, "
-                f"e.g. {missing[:3]}. " + _inception_help("wrong file"))
+                f"e.g. {missing[:3]}. " + _inception_help("wrong file")
+            )
         model.load_state_dict(state, strict=False)
         return model.eval()
 
 
 def _inception_help(problem: str) -> str:
-    return (f"FID needs the FID InceptionV3 weights ({problem}). Get "
-            "pt_inception-2015-12-05-6726825d.pth from the pytorch-fid GitHub releases on a "
-            "machine with network, then pass its path (--inception PATH, .pth or .safetensors) "
-            f"or set {INCEPTION_ENV}=PATH, or copy it to {INCEPTION_DEFAULT}. "
-            "convert_inception_weights(pth, out) writes the safetensors version.")
+    return (
+        f"FID needs the FID InceptionV3 weights ({problem}). Get "
+        "pt_inception-2015-12-05-6726825d.pth from the pytorch-fid GitHub releases on a "
+        "machine with network, then pass its path (--inception PATH, .pth or .safetensors) "
+        f"or set {INCEPTION_ENV}=PATH, or copy it to {INCEPTION_DEFAULT}. "
+        "convert_inception_weights(pth, out) writes the safetensors version."
+    )
 
 
 def convert_inception_weights(src: str | os.PathLike, dst: str | os.PathLike) -> None:
@@ -342,18 +384,21 @@ def _hf_load(cls_name: str, spec: str, what: str, flag: str, local_files_only: b
     local = Path(spec).exists()
     try:
         return getattr(transformers, cls_name).from_pretrained(
-            spec, local_files_only=local_files_only or local)
+            spec, local_files_only=local_files_only or local
+        )
     except (OSError, ValueError) as err:
         raise WeightsUnavailableError(
             f"{what} needs the weights '{spec}', which are not a local folder and could not be "
             f"loaded from the Hugging Face cache{'' if local_files_only else ' or hub'} "
             f"({type(err).__name__}: {str(err).splitlines()[0]}). On a machine with network "
             f"run `hf download {spec}` (or save_pretrained to a folder) and pass {flag} PATH, "
-            f"or set {ALLOW_DOWNLOAD_ENV}=1 to let greedygrow download it.") from err
+            f"or set {ALLOW_DOWNLOAD_ENV}=1 to let greedygrow download it."
+        ) from err
 
 
-def load_extractor(kind: str, spec: str | None = None, device: str = "cpu",
-                   local_files_only: bool | None = None) -> FeatureExtractor:
+def load_extractor(
+    kind: str, spec: str | None = None, device: str = "cpu", local_files_only: bool | None = None
+) -> FeatureExtractor:
     """Load "inception", "dinov2" or "clip" from a local path or hub name (defaults per kind).
 
     Hub names are read from the local Hugging Face cache only, unless local_files_only=False
@@ -377,8 +422,9 @@ def load_extractor(kind: str, spec: str | None = None, device: str = "cpu",
         max_len = int(model.config.text_config.max_position_embeddings)
 
         def tokenize(captions: list[str]) -> tuple[Tensor, Tensor]:
-            out = tok(captions, padding=True, truncation=True, max_length=max_len,
-                      return_tensors="pt")
+            out = tok(
+                captions, padding=True, truncation=True, max_length=max_len, return_tensors="pt"
+            )
             return out["input_ids"], out["attention_mask"]
 
         return ClipFeatures(model, tokenize, id=f"clip:{Path(name).name}").to(device)
@@ -386,8 +432,9 @@ def load_extractor(kind: str, spec: str | None = None, device: str = "cpu",
 
 
 @torch.no_grad()
-def extract_features(extractor: FeatureExtractor, images: Iterable[Tensor] | Tensor,
-                     batch_size: int = 64) -> Tensor:
+def extract_features(
+    extractor: FeatureExtractor, images: Iterable[Tensor] | Tensor, batch_size: int = 64
+) -> Tensor:
     """Features [N,dim] float32 on CPU for a tensor [N,3,H,W] or an iterable of batches."""
     batches = images.split(batch_size) if isinstance(images, Tensor) else images
     out = [extractor(b).cpu() for b in batches if len(b)]
@@ -415,8 +462,12 @@ class FeatureStats:
         x = np.asarray(feats, dtype=np.float64)
         if x.ndim != 2 or len(x) < 2:
             raise ValueError(f"need features [N>=2, D], got shape {x.shape}")
-        return cls(x.mean(0), np.cov(x, rowvar=False), len(x),
-                   np.asarray(feats, dtype=np.float32) if keep else None)
+        return cls(
+            x.mean(0),
+            np.cov(x, rowvar=False),
+            len(x),
+            np.asarray(feats, dtype=np.float32) if keep else None,
+        )
 
     def save(self, path: Path, meta: dict[str, str]) -> None:
         tensors = {"mu": self.mu, "sigma": self.sigma}
@@ -440,9 +491,14 @@ def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", s).strip("_")[:40]
 
 
-def reference_stats(extractor: FeatureExtractor, dataset_id: str,
-                    images: Callable[[], Iterable[Tensor]], cache_dir: str | os.PathLike,
-                    keep_features: bool = False, batch_size: int = 64) -> FeatureStats:
+def reference_stats(
+    extractor: FeatureExtractor,
+    dataset_id: str,
+    images: Callable[[], Iterable[Tensor]],
+    cache_dir: str | os.PathLike,
+    keep_features: bool = False,
+    batch_size: int = 64,
+) -> FeatureStats:
     """Reference statistics, computed once per (dataset_id, extractor.id) and cached.
 
     `images()` yields batches [B,3,H,W] in [-1,1]; it is only called on a cache miss (or when
@@ -457,8 +513,9 @@ def reference_stats(extractor: FeatureExtractor, dataset_id: str,
             raise RuntimeError(f"{path}: cache key collision ({meta}); delete the file")
         if stats.features is not None or not keep_features:
             return stats
-    stats = FeatureStats.from_features(extract_features(extractor, images(), batch_size),
-                                       keep=keep_features)
+    stats = FeatureStats.from_features(
+        extract_features(extractor, images(), batch_size), keep=keep_features
+    )
     cache.mkdir(parents=True, exist_ok=True)
     stats.save(path, {"dataset": dataset_id, "extractor": extractor.id})
     return stats
@@ -469,8 +526,9 @@ def _psd_sqrt(s: np.ndarray) -> np.ndarray:
     return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
-                     sigma2: np.ndarray, eps: float = 1e-6) -> float:
+def frechet_distance(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
+) -> float:
     """Fréchet distance between Gaussians N(mu1, sigma1) and N(mu2, sigma2), in float64.
 
     tr((Σ1 Σ2)^{1/2}) is computed as Σ sqrt(eig(Σ1^{1/2} Σ2 Σ1^{1/2})), a symmetric PSD matrix
@@ -480,15 +538,17 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (len(mu1), len(mu1)):
-        raise ValueError(f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, "
-                         f"sigma {s1.shape} vs {s2.shape}")
+        raise ValueError(
+            f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}"
+        )
     try:
         r = _psd_sqrt(s1)
         m = r @ s2 @ r
         tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
     except np.linalg.LinAlgError:
-        warnings.warn(f"Fréchet distance: eigh failed; adding {eps}·I to the covariances",
-                      stacklevel=2)
+        warnings.warn(
+            f"Fréchet distance: eigh failed; adding {eps}·I to the covariances", stacklevel=2
+        )
         off = eps * np.eye(len(s1))
         r = _psd_sqrt(s1 + off)
         m = r @ (s2 + off) @ r
@@ -509,14 +569,15 @@ def _kernel_sum(a: Tensor, b: Tensor, gamma: float, chunk: int = 2048) -> float:
     total = 0.0
     bn = (b * b).sum(1)
     for i in range(0, len(a), chunk):
-        ai = a[i:i + chunk]
+        ai = a[i : i + chunk]
         d2 = (ai * ai).sum(1)[:, None] + bn[None, :] - 2.0 * ai @ b.T
         total += torch.exp(-gamma * d2.clamp_min(0)).sum().item()
     return total
 
 
-def mmd2(x: Tensor | np.ndarray, y: Tensor | np.ndarray, sigma: float = 10.0,
-         unbiased: bool = True) -> float:
+def mmd2(
+    x: Tensor | np.ndarray, y: Tensor | np.ndarray, sigma: float = 10.0, unbiased: bool = True
+) -> float:
     """Squared MMD with the Gaussian kernel k(a,b) = exp(−‖a−b‖²/(2σ²)), in float64.
 
     unbiased=True is the U-statistic MMD²_u (Gretton et al. 2012; the CMMD paper's estimator):
@@ -543,8 +604,13 @@ def mmd2(x: Tensor | np.ndarray, y: Tensor | np.ndarray, sigma: float = 10.0,
     return within - 2.0 * kxy / (m * n)
 
 
-def cmmd(x: Tensor | np.ndarray, y: Tensor | np.ndarray, sigma: float = 10.0,
-         scale: float = 1000.0, unbiased: bool = True) -> float:
+def cmmd(
+    x: Tensor | np.ndarray,
+    y: Tensor | np.ndarray,
+    sigma: float = 10.0,
+    scale: float = 1000.0,
+    unbiased: bool = True,
+) -> float:
     """CMMD = 1000 · MMD² between CLIP embeddings, σ = 10 (Jayasumana et al. 2024)."""
     return scale * mmd2(x, y, sigma=sigma, unbiased=unbiased)
 
@@ -570,9 +636,15 @@ class Extractors:
     notes: dict[str, str] | None = None  # kind -> why it is missing
 
     @classmethod
-    def load(cls, inception: str | None = None, dinov2: str | None = None,
-             clip: str | None = None, kinds: Iterable[str] = ("inception", "dinov2", "clip"),
-             device: str = "cpu", local_files_only: bool | None = None) -> Extractors:
+    def load(
+        cls,
+        inception: str | None = None,
+        dinov2: str | None = None,
+        clip: str | None = None,
+        kinds: Iterable[str] = ("inception", "dinov2", "clip"),
+        device: str = "cpu",
+        local_files_only: bool | None = None,
+    ) -> Extractors:
         """Load each requested kind; a kind whose weights are unavailable is recorded in
         `notes` with the loader's message instead of raising."""
         specs = {"inception": inception, "dinov2": dinov2, "clip": clip}
@@ -585,11 +657,15 @@ class Extractors:
         return cls(**out, notes=notes)
 
 
-def distribution_metrics(images: Tensor, prompts: list[str] | None, extractors: Extractors,
-                         references: Callable[[], Iterable[Tensor]] | None = None,
-                         reference_id: str | None = None,
-                         cache_dir: str | os.PathLike | None = None,
-                         batch_size: int = 64) -> dict[str, float]:
+def distribution_metrics(
+    images: Tensor,
+    prompts: list[str] | None,
+    extractors: Extractors,
+    references: Callable[[], Iterable[Tensor]] | None = None,
+    reference_id: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    batch_size: int = 64,
+) -> dict[str, float]:
     """FID / FD-DINOv2 / CMMD against `references` and CLIPScore against `prompts`.
 
     Metrics whose extractor (or reference set) is missing are left out of the result.
@@ -607,14 +683,23 @@ def distribution_metrics(images: Tensor, prompts: list[str] | None, extractors: 
     if extractors.clip is not None:
         emb = extract_features(extractors.clip, images, batch_size)
         if have_refs:
-            ref = reference_stats(extractors.clip, reference_id, references, cache_dir,
-                                  keep_features=True, batch_size=batch_size)
+            ref = reference_stats(
+                extractors.clip,
+                reference_id,
+                references,
+                cache_dir,
+                keep_features=True,
+                batch_size=batch_size,
+            )
             out["cmmd"] = cmmd(emb, ref.features)
         if prompts is not None:
             if len(prompts) != len(images):
                 raise ValueError(f"{len(prompts)} prompts for {len(images)} images")
-            text = torch.cat([extractors.clip.encode_text(list(prompts[i:i + batch_size]))
-                              for i in range(0, len(prompts), batch_size)])
+            text = torch.cat(
+                [
+                    extractors.clip.encode_text(list(prompts[i : i + batch_size]))
+                    for i in range(0, len(prompts), batch_size)
+                ]
+            )
             out["clip_score"] = float(clip_score(emb, text).mean())
     return out
-

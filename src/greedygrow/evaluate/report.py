@@ -66,11 +66,12 @@ class Settings:
     def __post_init__(self) -> None:
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"--seeds {list(self.seeds)}: give one or more distinct seeds")
-        if not 0 <= min(self.seeds) and max(self.seeds) < 10_000:
+        if min(self.seeds) < 0 or max(self.seeds) >= 10_000:
             raise ValueError(f"--seeds {list(self.seeds)}: seeds must lie in [0, 10000)")
         if self.batch_size < 1 or self.steps < 1:
-            raise ValueError(f"--batch-size {self.batch_size} and --steps {self.steps} must "
-                             "be >= 1")
+            raise ValueError(
+                f"--batch-size {self.batch_size} and --steps {self.steps} must be >= 1"
+            )
         if self.resolution is not None and not 16 <= self.resolution <= 4096:
             raise ValueError(f"--resolution {self.resolution}: choose 16 to 4096 px")
 
@@ -103,8 +104,11 @@ def read_prompts(path: str | os.PathLike) -> PromptSet:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--prompts {path}: no such file (one prompt per line)")
-    captions = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()
-                if ln.strip() and not ln.lstrip().startswith("#")]
+    captions = [
+        ln.strip()
+        for ln in path.read_text(encoding="utf-8").splitlines()
+        if ln.strip() and not ln.lstrip().startswith("#")
+    ]
     scenes: list[Scene | None] = []
     for caption in captions:
         groups = parse_caption(caption)
@@ -174,27 +178,37 @@ def _text_encoder(spec: str, max_length: int, device: str):
 
 
 @torch.no_grad()
-def sample_run(run_dir: str | os.PathLike, captions: Sequence[str], settings: Settings,
-               progress: Callable[[str], None] | None = None
-               ) -> tuple[Tensor, list[int], list[int], dict[str, Any]]:
+def sample_run(
+    run_dir: str | os.PathLike,
+    captions: Sequence[str],
+    settings: Settings,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[Tensor, list[int], list[int], dict[str, Any]]:
     """Sample every caption once per seed: (uint8 images [N,3,R,R], prompt index per image,
     image seeds, run meta). Image i depends only on its own seed (sampling contract)."""
     model, meta = load_model(run_dir, ema=settings.ema, device=settings.device)
-    encoder = _text_encoder(meta["text_encoder"], int(meta.get("text_max_length", 32)),
-                            settings.device)
+    encoder = _text_encoder(
+        meta["text_encoder"], int(meta.get("text_max_length", 32)), settings.device
+    )
     schedule = Schedule.from_dict(meta["schedule"])
-    guidance = float(meta.get("guidance", 1.0) if settings.guidance is None
-                     else settings.guidance)
+    guidance = float(meta.get("guidance", 1.0) if settings.guidance is None else settings.guidance)
     res = model.shell_config.resolution
     jobs = [(p, settings.image_seed(p, s)) for p in range(len(captions)) for s in settings.seeds]
     images = []
     for start in range(0, len(jobs), settings.batch_size):
-        batch = jobs[start:start + settings.batch_size]
+        batch = jobs[start : start + settings.batch_size]
         text = encoder.encode([captions[p] for p, _ in batch]).to(settings.device)
         denoise = uvit_denoiser(model, text.tokens, text.mask, text.pooled)
-        x = sample(denoise, (len(batch), 3, res, res), schedule, steps=settings.steps,
-                   sampler=settings.sampler, guidance=guidance, seeds=[s for _, s in batch],
-                   device=settings.device)
+        x = sample(
+            denoise,
+            (len(batch), 3, res, res),
+            schedule,
+            steps=settings.steps,
+            sampler=settings.sampler,
+            guidance=guidance,
+            seeds=[s for _, s in batch],
+            device=settings.device,
+        )
         images.append(_to_uint8(x.cpu()))
         if progress is not None:
             progress(f"{Path(run_dir).name}: {start + len(batch)}/{len(jobs)} images")
@@ -202,8 +216,9 @@ def sample_run(run_dir: str | os.PathLike, captions: Sequence[str], settings: Se
     return torch.cat(images), [p for p, _ in jobs], [s for _, s in jobs], meta
 
 
-def score_alignment(images: Tensor, prompt_of: Sequence[int], prompts: PromptSet
-                    ) -> tuple[list[PromptResult | None], dict[str, Any] | None]:
+def score_alignment(
+    images: Tensor, prompt_of: Sequence[int], prompts: PromptSet
+) -> tuple[list[PromptResult | None], dict[str, Any] | None]:
     """Alignment results per image (None where the prompt has no scene ground truth)."""
     results: list[PromptResult | None] = []
     for img, p in zip(images, prompt_of, strict=True):
@@ -213,14 +228,16 @@ def score_alignment(images: Tensor, prompt_of: Sequence[int], prompts: PromptSet
             continue
         arr = img.permute(1, 2, 0).numpy()
         res = min(arr.shape[:2])
-        results.append(score_questions(make_questions(scene, res), detect(arr),
-                                       prompts.captions[p], res))
+        results.append(
+            score_questions(make_questions(scene, res), detect(arr), prompts.captions[p], res)
+        )
     scored = [r for r in results if r is not None]
     return results, (summarize(scored) if scored else None)
 
 
-def folder_references(root: str | os.PathLike, resolution: int, batch_size: int = 64
-                      ) -> tuple[Callable[[], Iterable[Tensor]], str]:
+def folder_references(
+    root: str | os.PathLike, resolution: int, batch_size: int = 64
+) -> tuple[Callable[[], Iterable[Tensor]], str]:
     """(batches of reference images [B,3,R,R] in [−1,1], cache id) for a folder of images;
     undecodable files are skipped with a warning. The id changes with the folder's files."""
     from greedygrow.data.transforms import prepare_image
@@ -249,14 +266,14 @@ def folder_references(root: str | os.PathLike, resolution: int, batch_size: int 
         if batch:
             yield torch.stack(batch)
         if bad:
-            warnings.warn(f"--references {root}: skipped {bad} undecodable images",
-                          stacklevel=2)
+            warnings.warn(f"--references {root}: skipped {bad} undecodable images", stacklevel=2)
 
     return batches, ref_id
 
 
-def scene_references(prompts: PromptSet, resolution: int
-                     ) -> tuple[Callable[[], Iterable[Tensor]], str] | None:
+def scene_references(
+    prompts: PromptSet, resolution: int
+) -> tuple[Callable[[], Iterable[Tensor]], str] | None:
     """Ground-truth renders of the scene prompts as the reference set (None if none are)."""
     scenes = [s for s in prompts.scenes if s is not None]
     if len(scenes) < 2:
@@ -264,16 +281,22 @@ def scene_references(prompts: PromptSet, resolution: int
 
     def batches() -> Iterable[Tensor]:
         for i in range(0, len(scenes), 64):
-            arr = np.stack([np.asarray(render(s, resolution)) for s in scenes[i:i + 64]])
+            arr = np.stack([np.asarray(render(s, resolution)) for s in scenes[i : i + 64]])
             yield torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
     return batches, f"{prompts.source}:truth@{resolution}"
 
 
-def evaluate_run(run_dir: str | os.PathLike, prompts: PromptSet, settings: Settings,
-                 extractors: Extractors | None = None, references: str | None = None,
-                 cache_dir: str | os.PathLike | None = None, name: str | None = None,
-                 progress: Callable[[str], None] | None = None) -> RunEvaluation:
+def evaluate_run(
+    run_dir: str | os.PathLike,
+    prompts: PromptSet,
+    settings: Settings,
+    extractors: Extractors | None = None,
+    references: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    name: str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> RunEvaluation:
     """Sample, score alignment and distribution metrics, and read the loss curve of a run.
 
     references: a folder of images, or None to use the scene prompts' ground-truth renders.
@@ -282,30 +305,55 @@ def evaluate_run(run_dir: str | os.PathLike, prompts: PromptSet, settings: Setti
     if settings.resolution is not None and settings.resolution != images.shape[-1]:
         images = _resize(images, settings.resolution)
     results, summary = score_alignment(images, prompt_of, prompts)
-    notes = dict(extractors.notes or {}) if extractors is not None else {
-        "all": "distribution metrics not requested"}
+    notes = (
+        dict(extractors.notes or {})
+        if extractors is not None
+        else {"all": "distribution metrics not requested"}
+    )
     dist: dict[str, float] = {}
     if extractors is not None and any(
-            getattr(extractors, k) is not None for k in ("inception", "dinov2", "clip")):
+        getattr(extractors, k) is not None for k in ("inception", "dinov2", "clip")
+    ):
         res = images.shape[-1]
-        refs = (folder_references(references, res) if references is not None
-                else scene_references(prompts, res))
+        refs = (
+            folder_references(references, res)
+            if references is not None
+            else scene_references(prompts, res)
+        )
         if refs is None:
             notes["references"] = "no reference images: FID, FD-DINOv2 and CMMD skipped"
         x = images.float() / 127.5 - 1.0
         dist = distribution_metrics(
-            x, [prompts.captions[p] for p in prompt_of], extractors,
-            references=refs[0] if refs else None, reference_id=refs[1] if refs else None,
-            cache_dir=cache_dir or Path.home() / ".cache" / "greedygrow" / "reference-stats")
+            x,
+            [prompts.captions[p] for p in prompt_of],
+            extractors,
+            references=refs[0] if refs else None,
+            reference_id=refs[1] if refs else None,
+            cache_dir=cache_dir or Path.home() / ".cache" / "greedygrow" / "reference-stats",
+        )
     return RunEvaluation(
-        name=name or Path(run_dir).name, run_dir=str(run_dir), meta=meta,
-        settings={"sampler": settings.sampler, "steps": settings.steps,
-                  "guidance": meta["guidance_used"], "seeds": list(settings.seeds),
-                  "resolution": int(images.shape[-1]), "ema": settings.ema,
-                  "prompts": prompts.source, "images": int(images.shape[0])},
-        images=images, prompt_of=prompt_of, seeds=seeds, alignment=results,
-        alignment_summary=summary, distribution=dist, distribution_notes=notes,
-        loss=read_loss_curve(run_dir))
+        name=name or Path(run_dir).name,
+        run_dir=str(run_dir),
+        meta=meta,
+        settings={
+            "sampler": settings.sampler,
+            "steps": settings.steps,
+            "guidance": meta["guidance_used"],
+            "seeds": list(settings.seeds),
+            "resolution": int(images.shape[-1]),
+            "ema": settings.ema,
+            "prompts": prompts.source,
+            "images": int(images.shape[0]),
+        },
+        images=images,
+        prompt_of=prompt_of,
+        seeds=seeds,
+        alignment=results,
+        alignment_summary=summary,
+        distribution=dist,
+        distribution_notes=notes,
+        loss=read_loss_curve(run_dir),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -345,7 +393,7 @@ def _plots(evals: Sequence[RunEvaluation]) -> dict[str, str]:
             ax.plot(steps, loss, alpha=0.3, lw=0.8)
             k = max(1, len(loss) // 50)  # moving average over ~2% of the run
             smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
-            ax.plot(steps[k - 1:], smooth, label=e.name, color=ax.lines[-1].get_color())
+            ax.plot(steps[k - 1 :], smooth, label=e.name, color=ax.lines[-1].get_color())
         ax.set(xlabel="step", ylabel="training loss", yscale="log", title="Training loss")
         ax.legend()
         out["loss"] = _figure_b64(fig)
@@ -356,29 +404,46 @@ def _plots(evals: Sequence[RunEvaluation]) -> dict[str, str]:
         width = 0.8 / len(scored)
         for i, e in enumerate(scored):
             s = e.alignment_summary
-            vals = [s["dsg_score"], s["all_correct"],
-                    *[s["accuracy"].get(k, np.nan) for k in kinds[2:]]]
+            vals = [
+                s["dsg_score"],
+                s["all_correct"],
+                *[s["accuracy"].get(k, np.nan) for k in kinds[2:]],
+            ]
             axes[0].bar(np.arange(len(kinds)) + i * width, vals, width, label=e.name)
             counts = sorted(int(n) for n in s["count_accuracy"])
-            axes[1].bar(np.array(counts) + i * width,
-                        [s["count_accuracy"][str(n)] for n in counts], width, label=e.name)
+            axes[1].bar(
+                np.array(counts) + i * width,
+                [s["count_accuracy"][str(n)] for n in counts],
+                width,
+                label=e.name,
+            )
         axes[0].set_xticks(np.arange(len(kinds)) + 0.4 - width / 2, kinds)
         axes[0].set(ylim=(0, 1), ylabel="accuracy", title="Alignment per question kind")
         axes[1].set_xticks(np.arange(1, 6) + 0.4 - width / 2, [str(n) for n in range(1, 6)])
-        axes[1].set(ylim=(0, 1), xlabel="objects asked for", ylabel="exact count accuracy",
-                    title="Counting accuracy per number")
+        axes[1].set(
+            ylim=(0, 1),
+            xlabel="objects asked for",
+            ylabel="exact count accuracy",
+            title="Counting accuracy per number",
+        )
         axes[0].legend(fontsize=8)
         out["alignment"] = _figure_b64(fig)
-        fig, axes = plt.subplots(1, len(scored), figsize=(4.2 * len(scored), 3.6),
-                                 squeeze=False)
+        fig, axes = plt.subplots(1, len(scored), figsize=(4.2 * len(scored), 3.6), squeeze=False)
         for ax, e in zip(axes[0], scored, strict=True):
             cm = e.alignment_summary["count_confusion"]
             m = np.array(cm["matrix"])
             ax.imshow(m, cmap="Blues")
             for (r, c), v in np.ndenumerate(m):
                 if v:
-                    ax.text(c, r, str(v), ha="center", va="center", fontsize=8,
-                            color="white" if v > m.max() / 2 else "black")
+                    ax.text(
+                        c,
+                        r,
+                        str(v),
+                        ha="center",
+                        va="center",
+                        fontsize=8,
+                        color="white" if v > m.max() / 2 else "black",
+                    )
             ax.set_xticks(range(m.shape[1]), cm["predicted"])
             ax.set_yticks(range(m.shape[0]), [str(t) for t in cm["true"]])
             ax.set(xlabel="counted in the image", ylabel="asked for", title=e.name)
@@ -433,48 +498,64 @@ def _thumb(img: Tensor) -> Image.Image:
     return pil
 
 
-def render_html(evals: Sequence[RunEvaluation], prompts: PromptSet, max_prompts: int = 60
-                ) -> str:
+def render_html(evals: Sequence[RunEvaluation], prompts: PromptSet, max_prompts: int = 60) -> str:
     """The self-contained HTML report."""
     e0 = evals[0]
     esc = html.escape
-    parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'>",
-             f"<title>greedygrow evaluation: {esc(', '.join(e.name for e in evals))}</title>",
-             f"<style>{_CSS}</style></head><body>",
-             f"<h1>greedygrow evaluation</h1><p class='note'>{len(prompts.captions)} prompts "
-             f"({esc(prompts.source)}), {len(e0.settings['seeds'])} seeds each, sampler "
-             f"{esc(e0.settings['sampler'])}, {e0.settings['steps']} steps.</p>"]
+    parts = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>",
+        f"<title>greedygrow evaluation: {esc(', '.join(e.name for e in evals))}</title>",
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>greedygrow evaluation</h1><p class='note'>{len(prompts.captions)} prompts "
+        f"({esc(prompts.source)}), {len(e0.settings['seeds'])} seeds each, sampler "
+        f"{esc(e0.settings['sampler'])}, {e0.settings['steps']} steps.</p>",
+    ]
     head = "".join(f"<th>{esc(e.name)}</th>" for e in evals)
     parts.append(f"<h2>Runs</h2><table><tr><th class='l'>setting</th>{head}</tr>")
-    rows = [("run folder", lambda e: e.run_dir), ("training step", lambda e: e.meta.get("step")),
-            ("phase / mode", lambda e: f"{e.meta.get('phase', '—')} / {e.meta.get('mode', '—')}"),
-            ("resolution", lambda e: e.settings["resolution"]),
-            ("guidance", lambda e: e.settings["guidance"]),
-            ("images", lambda e: e.settings["images"]),
-            ("last training loss", lambda e: _fmt(e.loss[-1][1]) if e.loss else "—")]
+    rows = [
+        ("run folder", lambda e: e.run_dir),
+        ("training step", lambda e: e.meta.get("step")),
+        ("phase / mode", lambda e: f"{e.meta.get('phase', '—')} / {e.meta.get('mode', '—')}"),
+        ("resolution", lambda e: e.settings["resolution"]),
+        ("guidance", lambda e: e.settings["guidance"]),
+        ("images", lambda e: e.settings["images"]),
+        ("last training loss", lambda e: _fmt(e.loss[-1][1]) if e.loss else "—"),
+    ]
     for label, get in rows:
         cells = "".join(f"<td>{esc(str(get(e)))}</td>" for e in evals)
         parts.append(f"<tr><td class='l'>{label}</td>{cells}</tr>")
     parts.append("</table><h2>Metrics</h2>")
     parts.append(f"<table><tr><th class='l'>metric</th>{head}</tr>")
     for label, get in _METRIC_ROWS:
-        parts.append(f"<tr><td class='l'>{esc(label)}</td>"
-                     + "".join(f"<td>{_fmt(get(e))}</td>" for e in evals) + "</tr>")
+        parts.append(
+            f"<tr><td class='l'>{esc(label)}</td>"
+            + "".join(f"<td>{_fmt(get(e))}</td>" for e in evals)
+            + "</tr>"
+        )
     parts.append("</table>")
     notes = {f"{e.name}: {k}": v for e in evals for k, v in e.distribution_notes.items()}
     if notes:
-        parts.append("<p class='note'>Not computed:</p><ul class='note'>" + "".join(
-            f"<li><b>{esc(k)}</b>: {esc(v)}</li>" for k, v in notes.items()) + "</ul>")
+        parts.append(
+            "<p class='note'>Not computed:</p><ul class='note'>"
+            + "".join(f"<li><b>{esc(k)}</b>: {esc(v)}</li>" for k, v in notes.items())
+            + "</ul>"
+        )
     plots = _plots(evals)
-    for key, title in [("alignment", "Alignment"), ("confusion", "Count confusion matrix"),
-                       ("loss", "Training loss")]:
+    for key, title in [
+        ("alignment", "Alignment"),
+        ("confusion", "Count confusion matrix"),
+        ("loss", "Training loss"),
+    ]:
         if key in plots:
-            parts.append(f"<h2>{title}</h2><img alt='{key}' src='data:image/png;base64,"
-                         f"{plots[key]}'>")
+            parts.append(
+                f"<h2>{title}</h2><img alt='{key}' src='data:image/png;base64,{plots[key]}'>"
+            )
     if "loss" not in plots:
         parts.append("<p class='note'>No training loss: the runs have no metrics.jsonl.</p>")
-    parts.append("<h2>Samples</h2><p class='note'>Green border: every question right; red: "
-                 "at least one wrong (hover for the wrong answers); grey: not scored.</p>")
+    parts.append(
+        "<h2>Samples</h2><p class='note'>Green border: every question right; red: "
+        "at least one wrong (hover for the wrong answers); grey: not scored.</p>"
+    )
     for p, caption in enumerate(prompts.captions[:max_prompts]):
         parts.append(f"<div class='prompt'>{p}. {esc(caption)}</div>")
         for e in evals:
@@ -485,15 +566,22 @@ def render_html(evals: Sequence[RunEvaluation], prompts: PromptSet, max_prompts:
                 if r is not None:
                     cls += " ok" if r.all_correct else " bad"
                     label += f" · {r.score:.2f}"
-                    tip = "; ".join(f"{q.text} → {a}" for q, a, c in
-                                    zip(r.questions, r.answers, r.correct, strict=True) if not c)
-                parts.append(f"<div class='{cls}' title='{esc(tip)}'><img alt='sample' "
-                             f"src='data:image/png;base64,{_png_b64(_thumb(e.images[i]))}'>"
-                             f"{esc(label)}</div>")
+                    tip = "; ".join(
+                        f"{q.text} → {a}"
+                        for q, a, c in zip(r.questions, r.answers, r.correct, strict=True)
+                        if not c
+                    )
+                parts.append(
+                    f"<div class='{cls}' title='{esc(tip)}'><img alt='sample' "
+                    f"src='data:image/png;base64,{_png_b64(_thumb(e.images[i]))}'>"
+                    f"{esc(label)}</div>"
+                )
             parts.append("</div>")
     if len(prompts.captions) > max_prompts:
-        parts.append(f"<p class='note'>{len(prompts.captions) - max_prompts} more prompts in "
-                     "samples/ and metrics.json.</p>")
+        parts.append(
+            f"<p class='note'>{len(prompts.captions) - max_prompts} more prompts in "
+            "samples/ and metrics.json.</p>"
+        )
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -505,22 +593,43 @@ def metrics_dict(evals: Sequence[RunEvaluation], prompts: PromptSet) -> dict[str
         samples = []
         for i, p in enumerate(e.prompt_of):
             r = e.alignment[i]
-            samples.append({"prompt": p, "seed": e.seeds[i],
-                            "file": f"samples/{e.name}/p{p:04d}-s{e.seeds[i]}.png",
-                            **({"score": r.score, "all_correct": r.all_correct,
-                                "answers": {q.text: a for q, a in zip(r.questions, r.answers,
-                                                                      strict=True)}}
-                               if r is not None else {})})
-        runs.append({"name": e.name, "run": e.run_dir, "step": e.meta.get("step"),
-                     "settings": e.settings, "alignment": e.alignment_summary,
-                     "distribution": e.distribution,
-                     "distribution_missing": e.distribution_notes,
-                     "final_loss": e.loss[-1][1] if e.loss else None, "samples": samples})
+            samples.append(
+                {
+                    "prompt": p,
+                    "seed": e.seeds[i],
+                    "file": f"samples/{e.name}/p{p:04d}-s{e.seeds[i]}.png",
+                    **(
+                        {
+                            "score": r.score,
+                            "all_correct": r.all_correct,
+                            "answers": {
+                                q.text: a for q, a in zip(r.questions, r.answers, strict=True)
+                            },
+                        }
+                        if r is not None
+                        else {}
+                    ),
+                }
+            )
+        runs.append(
+            {
+                "name": e.name,
+                "run": e.run_dir,
+                "step": e.meta.get("step"),
+                "settings": e.settings,
+                "alignment": e.alignment_summary,
+                "distribution": e.distribution,
+                "distribution_missing": e.distribution_notes,
+                "final_loss": e.loss[-1][1] if e.loss else None,
+                "samples": samples,
+            }
+        )
     return {"prompts": prompts.captions, "prompt_source": prompts.source, "runs": runs}
 
 
-def write_report(evals: Sequence[RunEvaluation], prompts: PromptSet,
-                 out_dir: str | os.PathLike) -> dict[str, Path]:
+def write_report(
+    evals: Sequence[RunEvaluation], prompts: PromptSet, out_dir: str | os.PathLike
+) -> dict[str, Path]:
     """Write metrics.json, report.html and samples/<run>/*.png into `out_dir`."""
     if not evals:
         raise ValueError("write_report: no runs")
@@ -533,10 +642,12 @@ def write_report(evals: Sequence[RunEvaluation], prompts: PromptSet,
         folder.mkdir(parents=True, exist_ok=True)
         for i, p in enumerate(e.prompt_of):
             Image.fromarray(e.images[i].permute(1, 2, 0).numpy()).save(
-                folder / f"p{p:04d}-s{e.seeds[i]}.png")
+                folder / f"p{p:04d}-s{e.seeds[i]}.png"
+            )
     metrics = out / "metrics.json"
-    atomic_write_text(metrics, json.dumps(metrics_dict(evals, prompts), indent=1,
-                                          default=_json_default) + "\n")
+    atomic_write_text(
+        metrics, json.dumps(metrics_dict(evals, prompts), indent=1, default=_json_default) + "\n"
+    )
     report = out / "report.html"
     atomic_write_text(report, render_html(evals, prompts))
     return {"metrics": metrics, "report": report, "samples": out / "samples"}
@@ -557,17 +668,28 @@ def unique_names(run_dirs: Sequence[str | os.PathLike]) -> list[str]:
     return [f"{n}-{i}" if n in dup else n for i, n in enumerate(names)]
 
 
-def evaluate(model: str | os.PathLike, out: str | os.PathLike,
-             compare: Sequence[str | os.PathLike] = (), prompts_file: str | None = None,
-             count: int = 50, references: str | None = None, settings: Settings = Settings(),
-             extractors: Extractors | None = None, cache_dir: str | os.PathLike | None = None,
-             progress: Callable[[str], None] | None = print) -> dict[str, Path]:
+def evaluate(
+    model: str | os.PathLike,
+    out: str | os.PathLike,
+    compare: Sequence[str | os.PathLike] = (),
+    prompts_file: str | None = None,
+    count: int = 50,
+    references: str | None = None,
+    settings: Settings = Settings(),
+    extractors: Extractors | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    progress: Callable[[str], None] | None = print,
+) -> dict[str, Path]:
     """The `greedygrow evaluate` command: evaluate `model` (and `compare` runs), write the
     report into `out`. Returns the paths written."""
+    if references is not None and not Path(references).is_dir():  # fail before sampling
+        raise FileNotFoundError(f"--references {references}: not a folder of images")
     prompts = read_prompts(prompts_file) if prompts_file else builtin_prompts(count)
     runs = [model, *compare]
-    evals = [evaluate_run(r, prompts, settings, extractors, references, cache_dir, name=n,
-                          progress=progress)
-             for r, n in zip(runs, unique_names(runs), strict=True)]
+    evals = [
+        evaluate_run(
+            r, prompts, settings, extractors, references, cache_dir, name=n, progress=progress
+        )
+        for r, n in zip(runs, unique_names(runs), strict=True)
+    ]
     return write_report(evals, prompts, out)
-

@@ -1,12 +1,13 @@
 """Named model presets, as data, from CPU-sized to the paper's scale.
 
-Cores: `cpu-*` train on a laptop CPU (`cpu-tiny`: a batch-32 training step at 64 px in about
-half a second on 2 quiet cores; `cpu-base` is the 192-wide, 6-block model of DESIGN's CPU
-measurements), `paper-*` are about 0.5B, 2B and 8B parameters like the paper's
-models (their widths and depths are ours; the paper does not publish them). Shells come in
-families: a family fixes the channel width and block count of each level by its size
-relative to the grid (level k has side G·2^k), so one family gives a shell for every
-resolution G·2^k up to its deepest level. `cpu` is narrow, `paper` is full-sized.
+Cores: `cpu-*` train on a laptop CPU (`cpu-tiny`: a batch-32 training step at 64 px takes
+about 0.85 CPU-seconds, an estimated half second on 2 idle cores; `cpu-small` is the
+192-wide, 6-block model of DESIGN's CPU measurements; docs/performance.md has the figures);
+`paper-*` are about 0.5B, 2B and 8B parameters like the paper's models (their widths and
+depths are ours; the paper does not publish them). Shells come in families: a family fixes
+the channel width and block count of each level by its size relative to the grid (level k
+has side G·2^k), so one family gives a shell for every resolution G·2^k up to its deepest
+level. `cpu` is narrow, `paper` is full-sized.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from greedygrow.model.uvit import count_flops, count_parameters
 
 CORE_PRESETS: dict[str, CoreConfig] = {
     "cpu-tiny": CoreConfig(width=64, depth=4, heads=2),
-    "cpu-small": CoreConfig(width=128, depth=4, heads=4),
-    "cpu-base": CoreConfig(width=192, depth=6, heads=6),
-    "cpu-large": CoreConfig(width=256, depth=8, heads=8),
+    "cpu-mini": CoreConfig(width=128, depth=4, heads=4),
+    "cpu-small": CoreConfig(width=192, depth=6, heads=6),
+    "cpu-base": CoreConfig(width=256, depth=8, heads=8),
     "paper-0.5b": CoreConfig(width=1024, depth=20, heads=16),
     "paper-2b": CoreConfig(width=2048, depth=20, heads=16),
     "paper-8b": CoreConfig(width=3072, depth=34, heads=24),
