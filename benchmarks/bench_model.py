@@ -150,7 +150,7 @@ def bench_resolutions(core_name: str, batch: int, steps: int, bf16: bool) -> lis
     core = CORE_PRESETS[core_name]
     rows = [
         "| shell | fwd GFLOPs/img core + shell | step s | CPU s/step | CPU ms/img | "
-        "shell CPU ms/img | shell CPU ns/px |",
+        "shell CPU ms/img | shell CPU µs/px |",
         "|---|---|---|---|---|---|---|",
     ]
     torch.manual_seed(0)
@@ -179,7 +179,7 @@ def bench_resolutions(core_name: str, batch: int, steps: int, bf16: bool) -> lis
         rows.append(
             f"| cpu-{kind}-{r} | {flops['core'] / 1e9:.2f} + {flops['shell'] / 1e9:.2f} | "
             f"{wall:.2f} | {cpu:.2f} | {1e3 * cpu / batch:.0f} | {1e3 * shell_cpu:.0f} | "
-            f"{1e9 * shell_cpu / r**2:.0f} |"
+            f"{1e6 * shell_cpu / r**2:.1f} |"
         )
         print(rows[-1], flush=True)
     return rows

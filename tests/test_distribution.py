@@ -130,6 +130,14 @@ def test_clip_score_is_100_cosine_clipped_at_zero():
     assert torch.allclose(s, 100 * cos.clamp_min(0), atol=1e-5)
 
 
+def test_inception_has_exactly_torchvisions_inception_v3_parameters():
+    # torchvision's inception_v3: 27,161,264 parameters, of which AuxLogits 3,326,696 and the
+    # 1000-way fc 2,049,000; the FID network is the rest (the ported weights' fc is unused)
+    net = InceptionFID()
+    assert sum(p.numel() for p in net.parameters()) == 27_161_264 - 3_326_696 - 2_049_000
+    assert net.Mixed_7c.max_pool and not net.Mixed_7b.max_pool
+
+
 def test_inception_loads_ported_state_dict_from_pth_and_safetensors(tmp_path):
     torch.manual_seed(0)
     net = InceptionFID()

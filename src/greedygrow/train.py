@@ -620,25 +620,41 @@ def sample_grid(model: nn.Module, encoder, schedule: Schedule, prompts: list[str
 
 
 def labelled_grid(rows: list[Tensor], labels: list[str], min_cell: int = 96) -> Image.Image:
-    """A PNG-ready grid: each row of images [n,3,H,W] in [−1, 1] under its label."""
+    """A PNG-ready grid: each row of images [n,3,H,W] in [−1, 1] under its label (wrapped
+    to the grid's width). Small images are enlarged (nearest) to at least `min_cell` px."""
     font = ImageFont.load_default()
     h, w = rows[0].shape[-2:]
     scale = max(1, math.ceil(min_cell / h))
-    cell_h, cell_w, label_h, pad = h * scale, w * scale, 16, 2
+    cell_h, cell_w, line_h, pad = h * scale, w * scale, 14, 4
     cols = max(r.shape[0] for r in rows)
     width = max(cols * (cell_w + pad) + pad, 256)
-    canvas = Image.new("RGB", (width, len(rows) * (label_h + cell_h + pad) + pad), "white")
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    wrapped = [_wrap(label, width - 2 * pad, measure, font) for label in labels]
+    height = pad + sum(len(lines) * line_h + cell_h + pad for lines in wrapped)
+    canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
     y = pad
-    for images, label in zip(rows, labels, strict=True):
-        draw.text((pad, y + 2), label, fill="black", font=font)
-        y += label_h
+    for images, lines in zip(rows, wrapped, strict=True):
+        for line in lines:
+            draw.text((pad, y), line, fill="black", font=font)
+            y += line_h
         for j, img in enumerate(images):
             arr = ((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0)
             tile = Image.fromarray(arr.numpy()).resize((cell_w, cell_h), Image.NEAREST)
             canvas.paste(tile, (pad + j * (cell_w + pad), y))
         y += cell_h + pad
     return canvas
+
+
+def _wrap(text: str, width: int, draw: ImageDraw.ImageDraw, font) -> list[str]:
+    """Greedy word wrap of `text` to lines at most `width` px wide in `font`."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines or [""]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 
 class FlopCounter:
@@ -142,7 +143,7 @@ def sincos_2d(grid: int, dim: int, device: torch.device | None = None) -> Tensor
 def checkpointed(fn: Any, enabled: bool, *args: Any) -> Any:
     """fn(*args), recomputed in the backward pass when `enabled` and gradients are on."""
     if enabled and torch.is_grad_enabled():
-        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+        return checkpoint(fn, *args, use_reentrant=False)
     return fn(*args)
 
 
