@@ -9,6 +9,7 @@ from PIL import Image
 
 from greedygrow.data.scenes import (
     COLORS,
+    HELD_OUT,
     Group,
     Scene,
     make_scene,
@@ -229,6 +230,9 @@ def test_scene_prompts_are_balanced_and_deterministic():
     counting = [s for i, s in enumerate(scenes) if i % 2 == 0]
     assert sorted(s.groups[0].count for s in counting) == sorted(list(range(1, 6)) * 4)
     assert len({s.caption for s in scenes}) > 30
+    held = [s for i, s in enumerate(scenes) if i % 4 == 3]
+    assert all((s.groups[0].color, s.groups[0].shape) in HELD_OUT for s in held)
+    assert len({(s.groups[0].color, s.groups[0].shape) for s in held}) == len(HELD_OUT)
 
 
 def test_detection_is_serialisable():

@@ -16,6 +16,7 @@ from greedygrow.data.scenes import (
     BACKGROUNDS,
     COLORS,
     GAP,
+    HELD_OUT,
     NATIVE_MAX,
     NATIVE_MIN,
     SHAPES,
@@ -88,6 +89,12 @@ def test_counts_one_to_five_all_occur_with_every_colour_shape_and_attribute(scen
     assert {g.attribute for g in groups} == set(ATTRIBUTES)
     assert len({s.caption.split(" ")[0] for s in scenes}) >= 6  # several templates in use
     assert any(" one " in f" {s.caption} " for s in scenes)  # "one" paraphrases "a"
+
+
+def test_training_scenes_never_show_a_held_out_pair(scenes):
+    pairs = {(g.color, g.shape) for s in scenes for g in s.groups}
+    assert pairs.isdisjoint(HELD_OUT)
+    assert len(pairs) == len(COLORS) * len(SHAPES) - len(HELD_OUT)
 
 
 def test_parse_caption_reads_counts_words_and_articles():

@@ -27,6 +27,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
+from greedygrow.data.split import rank_and_world
+
 RGB = tuple[int, int, int]
 
 COLORS: dict[str, RGB] = {
@@ -41,6 +43,11 @@ COLORS: dict[str, RGB] = {
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star")
 ATTRIBUTES: tuple[str, ...] = ("plain", "striped", "dotted", "outlined")
 ATTRIBUTE_WEIGHTS: tuple[float, ...] = (0.55, 0.15, 0.15, 0.15)
+# (colour, shape) pairs that sample_scene never draws: evaluation prompts ask for them, to
+# test composition beyond the combinations seen in training (ours; cf. DSG's held-out split).
+HELD_OUT: frozenset[tuple[str, str]] = frozenset(
+    {("purple", "star"), ("orange", "circle"), ("green", "triangle")}
+)
 # Light, low-saturation backgrounds, far from every object colour and its tint.
 BACKGROUNDS: dict[str, RGB] = {
     "white": (248, 248, 246),
@@ -335,7 +342,8 @@ def sample_scene(seed: int, index: int) -> Scene:
                 attribute=ATTRIBUTES[rng.choice(len(ATTRIBUTES), p=probs)],
                 count=int(c),
             )
-            if all(_group_key(g) != _group_key(h) for h in groups):
+            held_out = (g.color, g.shape) in HELD_OUT
+            if not held_out and all(_group_key(g) != _group_key(h) for h in groups):
                 break
         groups.append(g)
     background = _sample_background(rng)
@@ -779,19 +787,8 @@ class ScenesStream(IterableDataset):
         self.min_native, self.train = min_native, train
         self.start, self.rank, self.world_size = start, rank, world_size
 
-    def _rank_world(self) -> tuple[int, int]:
-        if self.rank is not None or self.world_size is not None:
-            rank, world = self.rank or 0, self.world_size or 1
-        elif torch.distributed.is_available() and torch.distributed.is_initialized():
-            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        else:
-            rank, world = 0, 1
-        if not 0 <= rank < world:
-            raise ValueError(f"ScenesStream rank {rank} out of range for world size {world}")
-        return rank, world
-
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        rank, world = self._rank_world()
+        rank, world = rank_and_world(self.rank, self.world_size)
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         shard, shards = rank * workers + worker, world * workers

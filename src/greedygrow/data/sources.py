@@ -46,7 +46,8 @@ import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, IterableDataset, default_collate, get_worker_info
 
-from .transforms import native_size, prepare_image
+from greedygrow.data.split import rank_and_world
+from greedygrow.data.transforms import native_size, prepare_image
 
 log = logging.getLogger("greedygrow.data")
 
@@ -460,21 +461,6 @@ def plan_shards(
     return plan
 
 
-def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    """Explicit rank/world size, else torchrun's RANK/WORLD_SIZE, else torch.distributed."""
-    if rank is not None and world_size is not None:
-        r, w = rank, world_size
-    elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        r, w = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    elif torch.distributed.is_available() and torch.distributed.is_initialized():
-        r, w = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    else:
-        r, w = 0, 1
-    if not 0 <= r < w:
-        raise ValueError(f"rank {r} is not in [0, world_size={w})")
-    return r, w
-
-
 class WebDatasetStream(IterableDataset):
     """Samples from img2dataset-style tar shards (``jpg``/``png``/``webp`` + ``txt``/``json``),
     read with the ``webdataset`` library.
@@ -522,7 +508,7 @@ class WebDatasetStream(IterableDataset):
         self.epoch = int(epoch)
 
     def _consumer(self) -> tuple[int, int, int, int]:
-        rank, world = _rank_world(self.rank, self.world_size)
+        rank, world = rank_and_world(self.rank, self.world_size)
         info = get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         return rank, worker, rank * workers + worker, world * workers

@@ -39,7 +39,7 @@ from PIL import Image
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
-from greedygrow.data.scenes import COLORS, OUTLINE_WIDTH, SHAPES, TINT, Scene
+from greedygrow.data.scenes import COLORS, HELD_OUT, OUTLINE_WIDTH, SHAPES, TINT, Scene
 
 ATTRIBUTE_MIN_RESOLUTION = 128
 ANALYSIS_MAX = 512  # larger images are analysed block-averaged to at least this
@@ -526,12 +526,17 @@ def summarize(results: Iterable[PromptResult]) -> dict[str, Any]:
                 per_count.setdefault(int(q.expected), []).append(c)
                 confusion[int(q.expected) - 1, min(int(a), MAX_COUNT + 1)] += 1
     n_questions = sum(len(r.questions) for r in results)
+    held_out = [
+        r.score for r in results if any((q.color, q.shape) in HELD_OUT for q in r.questions)
+    ]
     return {
         "prompts": len(results),
         "questions": n_questions,
         "dsg_score": float(np.mean([r.score for r in results])),
         "all_correct": float(np.mean([r.all_correct for r in results])),
         "question_accuracy": float(sum(sum(r.correct) for r in results) / max(n_questions, 1)),
+        "held_out_dsg_score": float(np.mean(held_out)) if held_out else None,
+        "held_out_prompts": len(held_out),
         "accuracy": {k: float(np.mean(v)) for k, v in sorted(per_kind.items())},
         "count_accuracy": {str(n): float(np.mean(per_count[n])) for n in sorted(per_count)},
         "count_confusion": {
@@ -551,8 +556,9 @@ EVAL_SEED = 2**40 + 17  # a scenes seed no training run uses by default: unseen 
 
 def scene_prompts(count: int, seed: int = EVAL_SEED) -> list[Scene]:
     """`count` evaluation scenes: half counting prompts (one colour + shape, counts 1–5 in
-    equal numbers, as in the Gecko numerical split), half compositions drawn like the
-    training scenes but from EVAL_SEED. Deterministic."""
+    equal numbers, as in the Gecko numerical split); of the other half, alternately a
+    composition drawn like the training scenes but from EVAL_SEED, and one that asks for a
+    (colour, shape) pair training never shows (scenes.HELD_OUT). Deterministic."""
     from greedygrow.data.scenes import Group, make_scene, sample_scene
 
     if count < 1:
@@ -576,6 +582,10 @@ def scene_prompts(count: int, seed: int = EVAL_SEED) -> list[Scene]:
                     background=["white", "light grey", "cream"][i % 3],
                 )
             )
+        elif i % 4 == 3:
+            color, shape = sorted(HELD_OUT)[(i // 4) % len(HELD_OUT)]
+            held = Group(color, shape, attrs[rng.integers(len(attrs))], int(rng.integers(1, 4)))
+            scenes.append(make_scene([held], seed=int(rng.integers(2**31))))
         else:
             scenes.append(sample_scene(seed, i))
     return scenes
