@@ -60,19 +60,24 @@ def worker(args: argparse.Namespace) -> None:
         train_core_config,
     )
 
-    over = [f"run.precision={args.precision}", f"data.text_cache_dir={args.cache}",
-            f"model.gradient_checkpointing={str(args.checkpointing).lower()}"]
+    over = [
+        f"run.precision={args.precision}",
+        f"data.text_cache_dir={args.cache}",
+        f"model.gradient_checkpointing={str(args.checkpointing).lower()}",
+    ]
     if args.batch:
         over.append(f"run.batch_size={args.batch}")
     if args.phase == "core":
         cfg = train_core_config(CONFIGS / "core-cpu.yaml", over)
     else:
-        cfg = grow_config(args.core, args.resolution, "greedy", None, CONFIGS / "grow-cpu.yaml",
-                          over)
+        cfg = grow_config(
+            args.core, args.resolution, "greedy", None, CONFIGS / "grow-cpu.yaml", over
+        )
     env = init_distributed(cfg.run.device)
     local = cfg.run.batch_size // env.world
-    encoder = CachedTextEncoder(load_text_encoder(cfg.data.text_encoder,
-                                                  cfg.data.text_max_length), args.cache)
+    encoder = CachedTextEncoder(
+        load_text_encoder(cfg.data.text_encoder, cfg.data.text_max_length), args.cache
+    )
     schedule = schedule_for(cfg.model.resolution, cfg.diffusion.schedule)
     t = Trainable(cfg, env, 0, None)
     batches = _batches(cfg, env, 0, local)
@@ -92,22 +97,40 @@ def worker(args: argparse.Namespace) -> None:
     if env.device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     if env.main:
-        print(json.dumps({
-            "phase": args.phase, "resolution": cfg.model.resolution, "processes": env.world,
-            "precision": args.precision, "batch": cfg.run.batch_size,
-            "checkpointing": args.checkpointing,
-            "images_per_s": args.steps * cfg.run.batch_size / elapsed,
-            "step_s": elapsed / args.steps, "rss_before_mb": rss0, "peak_mb": peak,
-        }))
+        print(
+            json.dumps(
+                {
+                    "phase": args.phase,
+                    "resolution": cfg.model.resolution,
+                    "processes": env.world,
+                    "precision": args.precision,
+                    "batch": cfg.run.batch_size,
+                    "checkpointing": args.checkpointing,
+                    "images_per_s": args.steps * cfg.run.batch_size / elapsed,
+                    "step_s": elapsed / args.steps,
+                    "rss_before_mb": rss0,
+                    "peak_mb": peak,
+                }
+            )
+        )
     if env.world > 1:
         dist.destroy_process_group()
 
 
 def _launch(nproc: int, *worker_args: str) -> dict:
     me = [str(Path(__file__).resolve()), "--worker", *worker_args]
-    cmd = [sys.executable, *me] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc_per_node={nproc}", *me]
+    cmd = (
+        [sys.executable, *me]
+        if nproc == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            *me,
+        ]
+    )
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode:
@@ -139,21 +162,37 @@ def main() -> None:
         for phase in ("core", "grow"):
             for nproc in (1,) if args.quick else (1, 2):
                 for precision in ("bf16",) if args.quick else ("fp32", "bf16"):
-                    rows.append(_launch(nproc, *common, "--phase", phase,
-                                        "--precision", precision))
+                    rows.append(_launch(nproc, *common, "--phase", phase, "--precision", precision))
         print("| phase | px | processes | precision | batch | images/s | s/step |")
         print("|---|---|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r['phase']} | {r['resolution']} | {r['processes']} | {r['precision']} | "
-                  f"{r['batch']} | {r['images_per_s']:.1f} | {r['step_s']:.3f} |")
+            print(
+                f"| {r['phase']} | {r['resolution']} | {r['processes']} | {r['precision']} | "
+                f"{r['batch']} | {r['images_per_s']:.1f} | {r['step_s']:.3f} |"
+            )
         print("\n| 512 px grown step (batch 2, fp32) | RSS before step (MB) | peak (MB) |")
         print("|---|---|---|")
         for ckpt in (False, True):
-            r = _launch(1, "--steps", "1", "--cache", cache, "--core", str(core), "--phase",
-                        "grow", "--resolution", "512", "--batch", "2",
-                        *(["--checkpointing"] if ckpt else []))
-            print(f"| gradient checkpointing {'on' if ckpt else 'off'} | "
-                  f"{r['rss_before_mb']:.0f} | {r['peak_mb']:.0f} |")
+            r = _launch(
+                1,
+                "--steps",
+                "1",
+                "--cache",
+                cache,
+                "--core",
+                str(core),
+                "--phase",
+                "grow",
+                "--resolution",
+                "512",
+                "--batch",
+                "2",
+                *(["--checkpointing"] if ckpt else []),
+            )
+            print(
+                f"| gradient checkpointing {'on' if ckpt else 'off'} | "
+                f"{r['rss_before_mb']:.0f} | {r['peak_mb']:.0f} |"
+            )
 
 
 if __name__ == "__main__":

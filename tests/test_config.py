@@ -40,8 +40,9 @@ def test_defaults_are_a_valid_phase1_config():
 
 
 def test_overrides_are_typed_and_applied():
-    cfg = _ready(["run.steps=7", "optim.lr=1e-3", "model.core_overrides.depth=2",
-                  "run.precision=bf16"])
+    cfg = _ready(
+        ["run.steps=7", "optim.lr=1e-3", "model.core_overrides.depth=2", "run.precision=bf16"]
+    )
     assert cfg.run.steps == 7 and cfg.optim.lr == pytest.approx(1e-3)
     assert cfg.model.core_overrides == {"depth": 2} and cfg.run.precision == "bf16"
 
@@ -83,27 +84,35 @@ def test_missing_config_file_is_refused(tmp_path):
         load_config(tmp_path / "nope.yaml")
 
 
-@pytest.mark.parametrize("overrides", [
-    ["model.resolution=48"],  # not grid × 2^k
-    ["grow.mode=greedy", "grow.core=x", "model.resolution=16"],  # grown shell needs ≥ 2G
-    ["grow.mode=greedy", "grow.core=x", "model.resolution=4096"],  # deeper than the family
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model.resolution=48"],  # not grid × 2^k
+        ["grow.mode=greedy", "grow.core=x", "model.resolution=16"],  # grown shell needs ≥ 2G
+        ["grow.mode=greedy", "grow.core=x", "model.resolution=4096"],  # deeper than the family
+    ],
+)
 def test_unreachable_resolution_is_refused(overrides):
     with pytest.raises(ConfigError, match=r"model\.resolution=\d+ does not work.*(reach|grid)"):
         _ready(overrides)
 
 
-@pytest.mark.parametrize("overrides, match", [
-    (["data.caption_dropout=1.0"], "caption_dropout"),
-    (["run.precision=fp16"], "precision"),
-    (["optim.schedule=linear"], "optim.schedule"),
-    (["grow.mode=sideways", "grow.core=x"], "grow.mode"),
-    (["grow.mode=greedy"], "needs a phase-1 run"),
-    (["grow.mode=greedy", "grow.core=x", "grow.freeze_steps=10", "model.resolution=64"],
-     "unfreeze"),
-    (["data.source=folder"], "data.path"),
-    (["data.text_max_length=64"], "text_len"),
-])
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["data.caption_dropout=1.0"], "caption_dropout"),
+        (["run.precision=fp16"], "precision"),
+        (["optim.schedule=linear"], "optim.schedule"),
+        (["grow.mode=sideways", "grow.core=x"], "grow.mode"),
+        (["grow.mode=greedy"], "needs a phase-1 run"),
+        (
+            ["grow.mode=greedy", "grow.core=x", "grow.freeze_steps=10", "model.resolution=64"],
+            "unfreeze",
+        ),
+        (["data.source=folder"], "data.path"),
+        (["data.text_max_length=64"], "text_len"),
+    ],
+)
 def test_invalid_values_are_refused(overrides, match):
     with pytest.raises(ConfigError, match=match):
         _ready(overrides)
@@ -113,16 +122,16 @@ def test_grow_resolves_the_high_resolution_subset_and_freeze_steps():
     greedy = _ready(["grow.mode=greedy", "grow.core=x", "model.resolution=128"])
     assert greedy.data.min_native == 128 and greedy.grow.freeze_steps == -1
     assert shell_config(greedy).kind == "grown"
-    unfreeze = _ready(["grow.mode=unfreeze", "grow.core=x", "model.resolution=64",
-                       "run.steps=400"])
+    unfreeze = _ready(["grow.mode=unfreeze", "grow.core=x", "model.resolution=64", "run.steps=400"])
     assert unfreeze.grow.freeze_steps == 100
     joint = _ready(["grow.mode=joint", "grow.core=x", "model.resolution=64"])
     assert joint.grow.freeze_steps == 0
 
 
 def test_saved_config_reads_back_equal(tmp_path):
-    cfg = _ready(["run.steps=3", "model.core_overrides.depth=1",
-                  "model.shell_overrides.channels=[32]"])
+    cfg = _ready(
+        ["run.steps=3", "model.core_overrides.depth=1", "model.shell_overrides.channels=[32]"]
+    )
     save_config(cfg, tmp_path / "config.yaml")
     back = read_config(tmp_path / "config.yaml")
     assert back == cfg

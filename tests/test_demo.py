@@ -11,14 +11,20 @@ from safetensors.torch import load_file
 
 def test_demo_quick_runs_end_to_end_and_writes_its_grid(tmp_path):
     out = tmp_path / "demo"
-    done = subprocess.run([sys.executable, "-m", "greedygrow", "demo", "--quick", "--out",
-                           str(out)], capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "greedygrow", "demo", "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     grid = Image.open(out / "samples.png")
     assert grid.width >= 2 * 64 and grid.height >= 3 * 64  # 3 prompts × 2 images of 64 px
     assert str(out / "samples.png") in done.stdout and str(out / "grown") in done.stdout
-    core, grown = json.loads((out / "core" / "model.json").read_text()), json.loads(
-        (out / "grown" / "model.json").read_text())
+    core, grown = (
+        json.loads((out / "core" / "model.json").read_text()),
+        json.loads((out / "grown" / "model.json").read_text()),
+    )
     assert core["shell"]["kind"] == "shallow" and core["resolution"] == 32
     assert grown["shell"]["kind"] == "grown" and grown["resolution"] == 64
     assert grown["mode"] == "greedy"

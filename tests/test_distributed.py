@@ -18,13 +18,33 @@ from test_train import GROW, TINY
 STEPS = 4
 
 
-def _run(out: Path, nproc: int, text_cache: Path, *extra: str, command=("train-core", *TINY)
-         ) -> subprocess.CompletedProcess:
-    launcher = [sys.executable, "-m", "greedygrow"] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc_per_node={nproc}", "-m", "greedygrow"]
-    cmd = [*launcher, command[0], "--out", str(out), *command[1:], f"run.steps={STEPS}",
-           "run.checkpoint_every=2", f"data.text_cache_dir={text_cache}", *extra]
+def _run(
+    out: Path, nproc: int, text_cache: Path, *extra: str, command=("train-core", *TINY)
+) -> subprocess.CompletedProcess:
+    launcher = (
+        [sys.executable, "-m", "greedygrow"]
+        if nproc == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "greedygrow",
+        ]
+    )
+    cmd = [
+        *launcher,
+        command[0],
+        "--out",
+        str(out),
+        *command[1:],
+        f"run.steps={STEPS}",
+        "run.checkpoint_every=2",
+        f"data.text_cache_dir={text_cache}",
+        *extra,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -86,12 +106,23 @@ def test_resume_on_a_different_number_of_processes(single, fsdp, tmp_path):
 def test_fsdp2_unfreeze_equals_one_process(tmp_path, single):
     core_run = tmp_path / "core"
     _run(core_run, 1, single[1])
-    grow = ("grow", "--core", str(core_run), "--resolution", "16", "--mode", "unfreeze",
-            "--freeze-steps", "2", *GROW)
+    grow = (
+        "grow",
+        "--core",
+        str(core_run),
+        "--resolution",
+        "16",
+        "--mode",
+        "unfreeze",
+        "--freeze-steps",
+        "2",
+        *GROW,
+    )
     one, two = tmp_path / "one", tmp_path / "two"
     _run(one, 1, single[1], command=grow)
     _run(two, 2, single[1], "run.parallel=fsdp", command=grow)
     _assert_same_run(two, one)
-    frozen = [json.loads(x)["core_frozen"] for x in (two / "metrics.jsonl").read_text().split("\n")
-              if x]
+    frozen = [
+        json.loads(x)["core_frozen"] for x in (two / "metrics.jsonl").read_text().split("\n") if x
+    ]
     assert frozen == [True, True, False, False]

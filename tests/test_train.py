@@ -21,18 +21,40 @@ from greedygrow.train import Env, Trainable, grow_config, train, train_core_conf
 
 # A core small enough for a CPU step in milliseconds: 4×4 grid, 8 px shallow / 16 px grown.
 TINY = [
-    "model.core_overrides.width=32", "model.core_overrides.depth=1",
-    "model.core_overrides.heads=2", "model.core_overrides.grid=4",
-    "model.core_overrides.fourier_dim=32", "model.resolution=8",
-    "model.shell_overrides.channels=[16]", "data.count=200", "run.batch_size=4",
-    "run.log_every=1", "run.sample_every=0", "run.sample_steps=2", "run.sample_per_prompt=1",
-    "run.sample_prompts=[a red circle]", "run.progress=false", "optim.warmup_steps=2",
-    "optim.lr=1e-3", "run.deterministic=true",
+    "model.core_overrides.width=32",
+    "model.core_overrides.depth=1",
+    "model.core_overrides.heads=2",
+    "model.core_overrides.grid=4",
+    "model.core_overrides.fourier_dim=32",
+    "model.resolution=8",
+    "model.shell_overrides.channels=[16]",
+    "data.count=200",
+    "run.batch_size=4",
+    "run.log_every=1",
+    "run.sample_every=0",
+    "run.sample_steps=2",
+    "run.sample_per_prompt=1",
+    "run.sample_prompts=[a red circle]",
+    "run.progress=false",
+    "optim.warmup_steps=2",
+    "optim.lr=1e-3",
+    "run.deterministic=true",
 ]
-GROW = ["model.shell_overrides.channels=[16,16]", "model.shell_overrides.blocks=[1,1]",
-        "data.count=400", "run.batch_size=4", "run.log_every=1", "run.sample_every=0",
-        "run.sample_steps=2", "run.sample_per_prompt=1", "run.sample_prompts=[a red circle]",
-        "run.progress=false", "optim.warmup_steps=2", "optim.lr=1e-3", "run.deterministic=true"]
+GROW = [
+    "model.shell_overrides.channels=[16,16]",
+    "model.shell_overrides.blocks=[1,1]",
+    "data.count=400",
+    "run.batch_size=4",
+    "run.log_every=1",
+    "run.sample_every=0",
+    "run.sample_steps=2",
+    "run.sample_per_prompt=1",
+    "run.sample_prompts=[a red circle]",
+    "run.progress=false",
+    "optim.warmup_steps=2",
+    "optim.lr=1e-3",
+    "run.deterministic=true",
+]
 
 
 def _losses(run: Path) -> list[tuple[int, float]]:
@@ -61,14 +83,20 @@ def core_run(tmp_path_factory, cache) -> Path:
 
 
 def _grow(core_run: Path, out: Path, mode: str, steps: int, cache: str, freeze=None, extra=()):
-    cfg = grow_config(str(core_run), 16, mode, freeze, None,
-                      [*GROW, f"run.steps={steps}", cache, *extra])
+    cfg = grow_config(
+        str(core_run), 16, mode, freeze, None, [*GROW, f"run.steps={steps}", cache, *extra]
+    )
     return train(cfg, out), cfg
 
 
 def test_train_core_writes_a_complete_run_folder(core_run):
-    for name in ("config.yaml", "model.safetensors", "model.json", "model-raw.safetensors",
-                 "metrics.jsonl"):
+    for name in (
+        "config.yaml",
+        "model.safetensors",
+        "model.json",
+        "model-raw.safetensors",
+        "metrics.jsonl",
+    ):
         assert (core_run / name).is_file(), name
     assert [s for s, _ in _losses(core_run)] == [1, 2, 3]
     assert all(torch.isfinite(torch.tensor(loss)) for _, loss in _losses(core_run))
@@ -105,8 +133,15 @@ def test_greedy_leaves_core_bit_identical_after_training(core_run, tmp_path, cac
 
 
 def test_unfreeze_changes_core_only_after_freeze_steps(core_run, tmp_path, cache):
-    run, _ = _grow(core_run, tmp_path / "unfreeze", "unfreeze", 4, cache, freeze=2,
-                     extra=["run.checkpoint_every=1", "run.keep=10"])
+    run, _ = _grow(
+        core_run,
+        tmp_path / "unfreeze",
+        "unfreeze",
+        4,
+        cache,
+        freeze=2,
+        extra=["run.checkpoint_every=1", "run.keep=10"],
+    )
     _, original = load_core(core_run)
 
     def core_at(step):
@@ -129,11 +164,24 @@ def test_scratch_mode_does_not_load_the_core(core_run, tmp_path, cache):
 
 def test_mismatched_core_is_refused_naming_the_tensors(core_run, tmp_path, cache):
     out = tmp_path / "mismatch"
-    cfg = grow_config(str(core_run), 16, "greedy", None, None,
-                      [*GROW, "run.steps=1", cache, "model.core=cpu-tiny",
-                       "model.core_overrides.width=64", "model.core_overrides.heads=2",
-                       "model.core_overrides.grid=4", "model.core_overrides.depth=1",
-                       "model.core_overrides.fourier_dim=32"])
+    cfg = grow_config(
+        str(core_run),
+        16,
+        "greedy",
+        None,
+        None,
+        [
+            *GROW,
+            "run.steps=1",
+            cache,
+            "model.core=cpu-tiny",
+            "model.core_overrides.width=64",
+            "model.core_overrides.heads=2",
+            "model.core_overrides.grid=4",
+            "model.core_overrides.depth=1",
+            "model.core_overrides.fourier_dim=32",
+        ],
+    )
     with pytest.raises(CheckpointMismatch, match=r"width.*32.*64"):
         train(cfg, out)
     assert not (out / "config.yaml").exists()  # refused before the run folder is written
@@ -159,8 +207,12 @@ def test_unreachable_resolution_is_refused_before_any_work(core_run, tmp_path, c
 
 def test_resume_refuses_a_different_config(core_run, cache):
     with pytest.raises(ConfigError, match=r"optim\.lr"):
-        train(train_core_config(None, [*TINY, "run.steps=3", "run.sample_every=2", cache,
-                                       "optim.lr=5e-4"]), core_run)
+        train(
+            train_core_config(
+                None, [*TINY, "run.steps=3", "run.sample_every=2", cache, "optim.lr=5e-4"]
+            ),
+            core_run,
+        )
 
 
 def test_truncated_latest_checkpoint_falls_back_with_a_warning(tmp_path, cache, caplog):
@@ -171,24 +223,48 @@ def test_truncated_latest_checkpoint_falls_back_with_a_warning(tmp_path, cache, 
     latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])
     with caplog.at_level(logging.WARNING):
         train(train_core_config(None, over), run)
-    assert any("unreadable" in r.getMessage() and "step-00000004" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "unreadable" in r.getMessage() and "step-00000004" in r.getMessage() for r in caplog.records
+    )
     assert _losses(run) == reference  # steps 3-4 retrained from step 2, identically
     torch.load(state_path(run, 4), weights_only=True)  # rewritten whole
 
 
 def test_bf16_and_gradient_checkpointing_train(tmp_path, cache):
-    run = train(train_core_config(None, [*TINY, "run.steps=2", "run.precision=bf16",
-                                         "model.gradient_checkpointing=true", cache]),
-                tmp_path / "bf16")
+    run = train(
+        train_core_config(
+            None,
+            [
+                *TINY,
+                "run.steps=2",
+                "run.precision=bf16",
+                "model.gradient_checkpointing=true",
+                cache,
+            ],
+        ),
+        tmp_path / "bf16",
+    )
     assert all(torch.isfinite(torch.tensor(loss)) for _, loss in _losses(run))
 
 
 def test_sample_command_writes_a_labelled_grid(core_run, tmp_path):
     out = tmp_path / "grid.png"
     with pytest.raises(SystemExit) as e:
-        main(["sample", "--model", str(core_run), "--out", str(out), "a red circle",
-              "two blue squares", "--steps", "2", "--per-prompt", "3"])
+        main(
+            [
+                "sample",
+                "--model",
+                str(core_run),
+                "--out",
+                str(out),
+                "a red circle",
+                "two blue squares",
+                "--steps",
+                "2",
+                "--per-prompt",
+                "3",
+            ]
+        )
     assert e.value.code == 0
     img = Image.open(out)
     assert img.height > 2 * 96 and img.width >= 3 * 96  # two rows of three (upscaled) cells
@@ -199,8 +275,15 @@ def _resumable(steps: int, cache: str) -> list[str]:
 
 
 def _cli(run: Path, steps: int, cache: str) -> list[str]:
-    return [sys.executable, "-m", "greedygrow", "train-core", "--out", str(run),
-            *_resumable(steps, cache)]
+    return [
+        sys.executable,
+        "-m",
+        "greedygrow",
+        "train-core",
+        "--out",
+        str(run),
+        *_resumable(steps, cache),
+    ]
 
 
 def test_kill_9_then_rerun_resumes_with_the_uninterrupted_losses(tmp_path, cache):
@@ -214,8 +297,9 @@ def test_kill_9_then_rerun_resumes_with_the_uninterrupted_losses(tmp_path, cache
     finally:
         torch.set_num_threads(threads)
     run = tmp_path / "killed"
-    proc = subprocess.Popen(_cli(run, steps, cache), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _cli(run, steps, cache), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 120
     while not state_path(run, 10).exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
@@ -234,8 +318,10 @@ def test_kill_9_then_rerun_resumes_with_the_uninterrupted_losses(tmp_path, cache
 @pytest.mark.slow
 def test_torch_compile_trains_like_eager(tmp_path, cache):
     eager = train(train_core_config(None, [*TINY, "run.steps=2", cache]), tmp_path / "eager")
-    compiled = train(train_core_config(None, [*TINY, "run.steps=2", "model.compile=true", cache]),
-                     tmp_path / "compiled")
+    compiled = train(
+        train_core_config(None, [*TINY, "run.steps=2", "model.compile=true", cache]),
+        tmp_path / "compiled",
+    )
     assert [s for s, _ in _losses(compiled)] == [1, 2]
     for (_, a), (_, b) in zip(_losses(compiled), _losses(eager), strict=True):
         assert a == pytest.approx(b, rel=1e-3)

@@ -15,8 +15,12 @@ from collections.abc import Callable
 
 def _add_info(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
-    p.add_argument("--family", choices=["cpu", "paper"], default=None,
-                   help="only the presets of this family (default: all)")
+    p.add_argument(
+        "--family",
+        choices=["cpu", "paper"],
+        default=None,
+        help="only the presets of this family (default: all)",
+    )
 
 
 def _run_info(args: argparse.Namespace) -> int:
@@ -28,11 +32,16 @@ def _run_info(args: argparse.Namespace) -> int:
     cores = {k: v for k, v in CORE_PRESETS.items() if args.family in (None, preset_family(k))}
     shells = {k: v for k, v in SHELL_PRESETS.items() if args.family in (None, preset_family(k))}
     if args.json:
-        print(json.dumps({
-            "cores": {k: v.to_dict() for k, v in cores.items()},
-            "shells": {k: v.to_dict() for k, v in shells.items()},
-            "table": rows,
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "cores": {k: v.to_dict() for k, v in cores.items()},
+                    "shells": {k: v.to_dict() for k, v in shells.items()},
+                    "table": rows,
+                },
+                indent=2,
+            )
+        )
         return 0
     print("core presets (width × depth, heads, grid):")
     for name, c in cores.items():
@@ -41,22 +50,27 @@ def _run_info(args: argparse.Namespace) -> int:
     for name, s in shells.items():
         print(f"  {name:<18} {s.kind:<7} {s.resolution:>4} px  {s.channels}  {s.blocks}")
     print("\nparameters and forward FLOPs per image (GFLOPs; 1 multiply-add = 2 FLOPs)")
-    head = ("core", "shell", "R", "core params", "shell params", "core GF", "shell GF",
-            "total GF")
+    head = ("core", "shell", "R", "core params", "shell params", "core GF", "shell GF", "total GF")
     print(f"{head[0]:<12} {head[1]:<18} {head[2]:>5} " + " ".join(f"{h:>12}" for h in head[3:]))
     for r in rows:
-        print(f"{r['core']:<12} {r['shell']:<18} {r['resolution']:>5} "
-              f"{r['core_params'] / 1e6:>11.1f}M {r['shell_params'] / 1e6:>11.2f}M "
-              f"{r['core_flops'] / 1e9:>12.2f} {r['shell_flops'] / 1e9:>12.2f} "
-              f"{r['flops_per_image'] / 1e9:>12.2f}")
+        print(
+            f"{r['core']:<12} {r['shell']:<18} {r['resolution']:>5} "
+            f"{r['core_params'] / 1e6:>11.1f}M {r['shell_params'] / 1e6:>11.2f}M "
+            f"{r['core_flops'] / 1e9:>12.2f} {r['shell_flops'] / 1e9:>12.2f} "
+            f"{r['flops_per_image'] / 1e9:>12.2f}"
+        )
     return 0
 
 
 def _add_scenes(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--count", type=int, required=True, help="number of samples")
-    p.add_argument("--resolution", type=int, default=None,
-                   help="store images resized to this shorter side (default: native size)")
+    p.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="store images resized to this shorter side (default: native size)",
+    )
     p.add_argument("--format", choices=["folder", "webdataset"], default="folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-format", choices=["png", "jpg"], default="png")
@@ -67,8 +81,14 @@ def _run_scenes(args: argparse.Namespace) -> int:
     from greedygrow.data.scenes import write_dataset
 
     summary = write_dataset(
-        args.out, args.count, args.resolution, args.format, args.seed,
-        image_format=args.image_format, shard_size=args.shard_size, progress=True,
+        args.out,
+        args.count,
+        args.resolution,
+        args.format,
+        args.seed,
+        image_format=args.image_format,
+        shard_size=args.shard_size,
+        progress=True,
     )
     size = f"{args.resolution} px" if args.resolution else "native size"
     print(f"wrote {summary['count']} scenes ({args.format}, {size}) to {args.out}")
@@ -174,15 +194,15 @@ def _add_train_core(p: argparse.ArgumentParser) -> None:
 def _run_train_core(args: argparse.Namespace) -> int:
     from greedygrow.train import train, train_core_config
 
-    return _refusing("train-core", lambda: train(
-        train_core_config(args.config, args.overrides), args.out))
+    return _refusing(
+        "train-core", lambda: train(train_core_config(args.config, args.overrides), args.out)
+    )
 
 
 def _add_grow(p: argparse.ArgumentParser) -> None:
     p.add_argument("--core", required=True, help="phase-1 run folder holding the core")
     p.add_argument("--resolution", type=int, required=True)
-    p.add_argument("--mode", choices=["greedy", "unfreeze", "joint", "scratch"],
-                   default="greedy")
+    p.add_argument("--mode", choices=["greedy", "unfreeze", "joint", "scratch"], default="greedy")
     p.add_argument("--freeze-steps", type=int, default=None)
     p.add_argument("--out", required=True, help="run folder (resumed if it exists)")
     p.add_argument("--config", default=None, help="YAML config file")
@@ -192,9 +212,20 @@ def _add_grow(p: argparse.ArgumentParser) -> None:
 def _run_grow(args: argparse.Namespace) -> int:
     from greedygrow.train import grow_config, train
 
-    return _refusing("grow", lambda: train(grow_config(
-        args.core, args.resolution, args.mode, args.freeze_steps, args.config, args.overrides),
-        args.out))
+    return _refusing(
+        "grow",
+        lambda: train(
+            grow_config(
+                args.core,
+                args.resolution,
+                args.mode,
+                args.freeze_steps,
+                args.config,
+                args.overrides,
+            ),
+            args.out,
+        ),
+    )
 
 
 def _refusing(command: str, work: Callable[[], object]) -> int:
@@ -229,41 +260,72 @@ def _add_sample(p: argparse.ArgumentParser) -> None:
 def _run_sample(args: argparse.Namespace) -> int:
     from greedygrow.train import sample_run
 
-    return _refusing("sample", lambda: print(sample_run(
-        args.model, args.out, args.prompts, steps=args.steps, sampler=args.sampler,
-        guidance=args.guidance, seed=args.seed, per_prompt=args.per_prompt,
-        resolution=args.resolution, ema=not args.raw)))
+    return _refusing(
+        "sample",
+        lambda: print(
+            sample_run(
+                args.model,
+                args.out,
+                args.prompts,
+                steps=args.steps,
+                sampler=args.sampler,
+                guidance=args.guidance,
+                seed=args.seed,
+                per_prompt=args.per_prompt,
+                resolution=args.resolution,
+                ema=not args.raw,
+            )
+        ),
+    )
 
 
 def _add_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="run folder with exported weights")
     p.add_argument("--out", required=True, help="report directory")
     p.add_argument("--compare", nargs="*", default=[], help="more run folders to compare")
-    p.add_argument("--prompts", default=None,
-                   help="text file, one prompt per line (default: built-in scene prompts); "
-                        "scenes captions in it are scored for alignment too")
+    p.add_argument(
+        "--prompts",
+        default=None,
+        help="text file, one prompt per line (default: built-in scene prompts); "
+        "scenes captions in it are scored for alignment too",
+    )
     p.add_argument("--count", type=int, default=50, help="number of built-in scene prompts")
-    p.add_argument("--references", default=None,
-                   help="folder of reference images for FID/FD-DINOv2/CMMD (default for scene "
-                        "prompts: their ground-truth renders)")
+    p.add_argument(
+        "--references",
+        default=None,
+        help="folder of reference images for FID/FD-DINOv2/CMMD (default for scene "
+        "prompts: their ground-truth renders)",
+    )
     p.add_argument("--sampler", choices=["ddim", "ancestral", "dpmpp2m"], default="dpmpp2m")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=None, help="default: the run's own")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3],
-                   help="one image per prompt per seed")
-    p.add_argument("--resolution", type=int, default=None,
-                   help="resize samples to this before scoring (compare runs at one size)")
+    p.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="one image per prompt per seed"
+    )
+    p.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="resize samples to this before scoring (compare runs at one size)",
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--raw", action="store_true", help="use raw weights instead of EMA")
-    p.add_argument("--inception", default=None,
-                   help="FID Inception weights (.pth/.safetensors; or GREEDYGROW_INCEPTION)")
+    p.add_argument(
+        "--inception",
+        default=None,
+        help="FID Inception weights (.pth/.safetensors; or GREEDYGROW_INCEPTION)",
+    )
     p.add_argument("--dino", default=None, help="DINOv2 hub name or folder")
     p.add_argument("--clip", default=None, help="CLIP hub name or folder")
-    p.add_argument("--no-distribution", action="store_true",
-                   help="skip FID / FD-DINOv2 / CMMD / CLIPScore")
-    p.add_argument("--stats-cache", default=None,
-                   help="reference statistics cache (default ~/.cache/greedygrow/reference-stats)")
+    p.add_argument(
+        "--no-distribution", action="store_true", help="skip FID / FD-DINOv2 / CMMD / CLIPScore"
+    )
+    p.add_argument(
+        "--stats-cache",
+        default=None,
+        help="reference statistics cache (default ~/.cache/greedygrow/reference-stats)",
+    )
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
@@ -280,11 +342,27 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         extractors = None
         if not args.no_distribution:
             extractors = Extractors.load(args.inception, args.dino, args.clip, device=device)
-        settings = Settings(sampler=args.sampler, steps=args.steps, guidance=args.guidance,
-                            seeds=tuple(args.seeds), resolution=args.resolution,
-                            batch_size=args.batch_size, device=device, ema=not args.raw)
-        paths = evaluate(args.model, args.out, args.compare, args.prompts, args.count,
-                         args.references, settings, extractors, args.stats_cache)
+        settings = Settings(
+            sampler=args.sampler,
+            steps=args.steps,
+            guidance=args.guidance,
+            seeds=tuple(args.seeds),
+            resolution=args.resolution,
+            batch_size=args.batch_size,
+            device=device,
+            ema=not args.raw,
+        )
+        paths = evaluate(
+            args.model,
+            args.out,
+            args.compare,
+            args.prompts,
+            args.count,
+            args.references,
+            settings,
+            extractors,
+            args.stats_cache,
+        )
     except (CheckpointMismatch, FileNotFoundError, ValueError) as e:
         print(f"greedygrow evaluate: error: {e}", file=sys.stderr)
         return 2

@@ -121,17 +121,32 @@ class Config:
 
     @property
     def phase(self) -> str:
-        """"core" (phase 1, Shallow-UViT) or "grow" (phase 2)."""
+        """ "core" (phase 1, Shallow-UViT) or "grow" (phase 2)."""
         return "core" if self.grow.mode is None else "grow"
 
 
 # Keys that may change when a run is resumed (they do not change what is learned).
-RESUMABLE_KEYS = frozenset({
-    "run.steps", "run.log_every", "run.sample_every", "run.checkpoint_every", "run.keep",
-    "run.progress", "run.device", "run.parallel", "data.workers", "data.text_cache_dir",
-    "model.compile", "model.gradient_checkpointing", "run.sample_prompts",
-    "run.sample_per_prompt", "run.sample_steps", "run.sample_sampler", "run.sample_guidance",
-})
+RESUMABLE_KEYS = frozenset(
+    {
+        "run.steps",
+        "run.log_every",
+        "run.sample_every",
+        "run.checkpoint_every",
+        "run.keep",
+        "run.progress",
+        "run.device",
+        "run.parallel",
+        "data.workers",
+        "data.text_cache_dir",
+        "model.compile",
+        "model.gradient_checkpointing",
+        "run.sample_prompts",
+        "run.sample_per_prompt",
+        "run.sample_steps",
+        "run.sample_sampler",
+        "run.sample_guidance",
+    }
+)
 
 
 def _schema() -> Any:
@@ -179,7 +194,8 @@ def load_config(
     for item in overrides:
         if "=" not in item:
             raise ConfigError(
-                f"override '{item}' is not of the form key=value (e.g. run.steps=100)")
+                f"override '{item}' is not of the form key=value (e.g. run.steps=100)"
+            )
     cfg = _merge(cfg, OmegaConf.from_dotlist(list(overrides)), "command-line override")
     return OmegaConf.to_object(cfg)
 
@@ -217,15 +233,19 @@ def shell_config(cfg: Config) -> ShellConfig:
     kind = "shallow" if cfg.phase == "core" else "grown"
     family = cfg.model.shell_family
     if family not in SHELL_FAMILIES:
-        raise ConfigError(f"model.shell_family: unknown shell family '{family}'; "
-                          f"choose one of {sorted(SHELL_FAMILIES)}")
-    overrides = {k: tuple(v) if isinstance(v, list) else v
-                 for k, v in cfg.model.shell_overrides.items()}
+        raise ConfigError(
+            f"model.shell_family: unknown shell family '{family}'; "
+            f"choose one of {sorted(SHELL_FAMILIES)}"
+        )
+    overrides = {
+        k: tuple(v) if isinstance(v, list) else v for k, v in cfg.model.shell_overrides.items()
+    }
     names = {f.name for f in dataclasses.fields(ShellConfig)}
     unknown = sorted(set(overrides) - names)
     if unknown:
-        raise ConfigError(f"model.shell_overrides: unknown field(s) {unknown}; "
-                          f"valid fields: {sorted(names)}")
+        raise ConfigError(
+            f"model.shell_overrides: unknown field(s) {unknown}; valid fields: {sorted(names)}"
+        )
     try:
         return shell_preset(kind, cfg.model.resolution, family, grid, **overrides)
     except (ValueError, TypeError) as e:
@@ -283,56 +303,87 @@ def validate(cfg: Config) -> None:
     m, d, o, r, g = cfg.model, cfg.data, cfg.optim, cfg.run, cfg.grow
     need(m.resolution > 0, f"model.resolution must be positive, got {m.resolution}")
     need(d.source in SOURCES, f"data.source must be one of {SOURCES}, got '{d.source}'")
-    need(d.source == "scenes" or bool(d.path),
-         f"data.path is required for data.source={d.source} (a folder or a shard pattern)")
-    need(0.0 <= d.caption_dropout < 1.0,
-         f"data.caption_dropout must be in [0, 1), got {d.caption_dropout}")
+    need(
+        d.source == "scenes" or bool(d.path),
+        f"data.path is required for data.source={d.source} (a folder or a shard pattern)",
+    )
+    need(
+        0.0 <= d.caption_dropout < 1.0,
+        f"data.caption_dropout must be in [0, 1), got {d.caption_dropout}",
+    )
     need(d.workers >= 0, f"data.workers must be >= 0, got {d.workers}")
     text_len = getattr(core, "text_len", None)
-    need(text_len is None or d.text_max_length <= text_len,
-         f"data.text_max_length={d.text_max_length} exceeds the core's text_len={text_len}; "
-         "lower it or pick a core with a longer text_len")
-    need(cfg.diffusion.schedule is None or cfg.diffusion.schedule in SCHEDULES,
-         f"diffusion.schedule must be one of {SCHEDULES} or null, got '{cfg.diffusion.schedule}'")
-    need(cfg.diffusion.weighting in WEIGHTINGS,
-         f"diffusion.weighting must be one of {WEIGHTINGS}, got '{cfg.diffusion.weighting}'")
+    need(
+        text_len is None or d.text_max_length <= text_len,
+        f"data.text_max_length={d.text_max_length} exceeds the core's text_len={text_len}; "
+        "lower it or pick a core with a longer text_len",
+    )
+    need(
+        cfg.diffusion.schedule is None or cfg.diffusion.schedule in SCHEDULES,
+        f"diffusion.schedule must be one of {SCHEDULES} or null, got '{cfg.diffusion.schedule}'",
+    )
+    need(
+        cfg.diffusion.weighting in WEIGHTINGS,
+        f"diffusion.weighting must be one of {WEIGHTINGS}, got '{cfg.diffusion.weighting}'",
+    )
     need(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
-    need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
-         f"optim.betas must be two numbers in [0, 1), got {o.betas}")
-    need(o.schedule in ("constant", "cosine"),
-         f"optim.schedule must be constant or cosine, got '{o.schedule}'")
+    need(
+        len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+        f"optim.betas must be two numbers in [0, 1), got {o.betas}",
+    )
+    need(
+        o.schedule in ("constant", "cosine"),
+        f"optim.schedule must be constant or cosine, got '{o.schedule}'",
+    )
     need(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
     need(o.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 disables), got {o.grad_clip}")
-    need(o.core_lr_multiplier >= 0,
-         f"optim.core_lr_multiplier must be >= 0, got {o.core_lr_multiplier}")
+    need(
+        o.core_lr_multiplier >= 0,
+        f"optim.core_lr_multiplier must be >= 0, got {o.core_lr_multiplier}",
+    )
     need(0 <= o.ema_decay < 1, f"optim.ema_decay must be in [0, 1), got {o.ema_decay}")
-    need(r.steps > 0 and r.batch_size > 0,
-         f"run.steps and run.batch_size must be positive, got {r.steps}, {r.batch_size}")
+    need(
+        r.steps > 0 and r.batch_size > 0,
+        f"run.steps and run.batch_size must be positive, got {r.steps}, {r.batch_size}",
+    )
     for key in ("log_every", "sample_every", "checkpoint_every"):
         need(getattr(r, key) >= 0, f"run.{key} must be >= 0, got {getattr(r, key)}")
     need(r.keep >= 1, f"run.keep must be >= 1, got {r.keep}")
-    need(r.precision in ("fp32", "bf16"),
-         f"run.precision must be fp32 or bf16, got '{r.precision}'")
-    need(r.device in ("auto", "cpu", "cuda"),
-         f"run.device must be auto, cpu or cuda, got '{r.device}'")
+    need(
+        r.precision in ("fp32", "bf16"), f"run.precision must be fp32 or bf16, got '{r.precision}'"
+    )
+    need(
+        r.device in ("auto", "cpu", "cuda"),
+        f"run.device must be auto, cpu or cuda, got '{r.device}'",
+    )
     need(r.parallel in ("ddp", "fsdp"), f"run.parallel must be ddp or fsdp, got '{r.parallel}'")
-    need(r.sample_sampler in ("ddim", "ancestral", "dpmpp2m"),
-         f"run.sample_sampler must be ddim, ancestral or dpmpp2m, got '{r.sample_sampler}'")
-    need(g.mode is None or g.mode in GROW_MODES,
-         f"grow.mode must be one of {GROW_MODES} (or null for train-core), got '{g.mode}'")
+    need(
+        r.sample_sampler in ("ddim", "ancestral", "dpmpp2m"),
+        f"run.sample_sampler must be ddim, ancestral or dpmpp2m, got '{r.sample_sampler}'",
+    )
+    need(
+        g.mode is None or g.mode in GROW_MODES,
+        f"grow.mode must be one of {GROW_MODES} (or null for train-core), got '{g.mode}'",
+    )
     if g.mode in ("greedy", "unfreeze", "joint"):
         need(bool(g.core), f"grow.core: --mode {g.mode} needs a phase-1 run folder (--core RUN)")
     if g.mode == "greedy":
-        need(g.freeze_steps in (None, -1),
-             "grow.freeze_steps: greedy keeps the core frozen for ever (-1); "
-             "use --mode unfreeze to unfreeze it after N steps")
+        need(
+            g.freeze_steps in (None, -1),
+            "grow.freeze_steps: greedy keeps the core frozen for ever (-1); "
+            "use --mode unfreeze to unfreeze it after N steps",
+        )
     if g.mode == "unfreeze":
-        need(g.freeze_steps is None or g.freeze_steps >= 0,
-             f"grow.freeze_steps must be >= 0 for --mode unfreeze, got {g.freeze_steps}")
+        need(
+            g.freeze_steps is None or g.freeze_steps >= 0,
+            f"grow.freeze_steps must be >= 0 for --mode unfreeze, got {g.freeze_steps}",
+        )
     if g.mode in ("joint", "scratch"):
-        need(g.freeze_steps in (None, 0),
-             f"grow.freeze_steps: --mode {g.mode} trains the core from step 0; "
-             "use --mode unfreeze for a frozen warm-up")
+        need(
+            g.freeze_steps in (None, 0),
+            f"grow.freeze_steps: --mode {g.mode} trains the core from step 0; "
+            "use --mode unfreeze for a frozen warm-up",
+        )
 
 
 def to_dict(cfg: Config) -> dict:

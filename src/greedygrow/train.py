@@ -93,8 +93,10 @@ def _train(cfg: Config, run: Path, env: Env) -> Path:
         torch.backends.cudnn.allow_tf32 = True
     r = cfg.run
     if r.batch_size % env.world:
-        raise ConfigError(f"run.batch_size={r.batch_size} (global) is not divisible by the "
-                          f"{env.world} processes; pick a multiple of {env.world}")
+        raise ConfigError(
+            f"run.batch_size={r.batch_size} (global) is not divisible by the "
+            f"{env.world} processes; pick a multiple of {env.world}"
+        )
     local_batch = r.batch_size // env.world
     schedule = schedule_for(cfg.model.resolution, cfg.diffusion.schedule)
     encoder = CachedTextEncoder(
@@ -110,8 +112,9 @@ def _train(cfg: Config, run: Path, env: Env) -> Path:
     _write_config(cfg, run, env)
     batches = _batches(cfg, env, step, local_batch)
     logger = _Logger(cfg, run, env, step) if env.main else None
-    sampler_model = (UViT(t.core_cfg, t.shell_cfg).to(env.device).eval()
-                     if env.main and r.sample_every else None)
+    sampler_model = (
+        UViT(t.core_cfg, t.shell_cfg).to(env.device).eval() if env.main and r.sample_every else None
+    )
     pending_loss, pending_n, busy = torch.zeros((), device=env.device), 0, 0.0
     while step < r.steps:
         t.set_frozen(_core_frozen_at(cfg, step))
@@ -127,9 +130,16 @@ def _train(cfg: Config, run: Path, env: Env) -> Path:
         if (r.log_every and step % r.log_every == 0) or step == r.steps:
             mean_loss = _all_mean(pending_loss / pending_n, env)
             if logger is not None:
-                logger.log(step, {"loss": mean_loss, "lr": lr, "grad_norm": grad_norm,
-                                  "images_per_s": pending_n * r.batch_size / busy,
-                                  "core_frozen": t.frozen})
+                logger.log(
+                    step,
+                    {
+                        "loss": mean_loss,
+                        "lr": lr,
+                        "grad_norm": grad_norm,
+                        "images_per_s": pending_n * r.batch_size / busy,
+                        "core_frozen": t.frozen,
+                    },
+                )
             pending_loss, pending_n, busy = torch.zeros((), device=env.device), 0, 0.0
         if (r.checkpoint_every and step % r.checkpoint_every == 0) or step == r.steps:
             _checkpoint(cfg, run, env, t, step, schedule)
@@ -137,17 +147,25 @@ def _train(cfg: Config, run: Path, env: Env) -> Path:
             ema = t.full_ema()
             if sampler_model is not None:
                 sampler_model.load_state_dict(ema)
-                grid = sample_grid(sampler_model, encoder, schedule, r.sample_prompts,
-                                   r.sample_per_prompt, r.sample_steps, r.sample_sampler,
-                                   r.sample_guidance, r.seed, env.device)
+                grid = sample_grid(
+                    sampler_model,
+                    encoder,
+                    schedule,
+                    r.sample_prompts,
+                    r.sample_per_prompt,
+                    r.sample_steps,
+                    r.sample_sampler,
+                    r.sample_guidance,
+                    r.seed,
+                    env.device,
+                )
                 logger.grid(step, grid)
     if logger is not None:
         logger.close()
     return run
 
 
-def train_core_config(config_file: str | None = None, overrides: list[str] | tuple = ()
-                      ) -> Config:
+def train_core_config(config_file: str | None = None, overrides: list[str] | tuple = ()) -> Config:
     """Phase 1's config: defaults ← YAML ← key=value; resolved and validated."""
     cfg = resolve(load_config(config_file, overrides))
     if cfg.phase != "core":
@@ -156,20 +174,32 @@ def train_core_config(config_file: str | None = None, overrides: list[str] | tup
     return cfg
 
 
-def grow_config(core: str | None, resolution: int, mode: str, freeze_steps: int | None = None,
-                config_file: str | None = None, overrides: list[str] | tuple = ()) -> Config:
+def grow_config(
+    core: str | None,
+    resolution: int,
+    mode: str,
+    freeze_steps: int | None = None,
+    config_file: str | None = None,
+    overrides: list[str] | tuple = (),
+) -> Config:
     """Phase 2's config. The core's preset and text encoder come from the phase-1 run unless
     set explicitly; then YAML ← key=value ← the --resolution/--mode/--freeze-steps flags."""
     inherited: dict = {}
     if core is not None:
         source = Path(core) / "config.yaml"
         if not source.is_file():
-            raise ConfigError(f"--core {core}: no config.yaml there; point --core at a "
-                              "phase-1 run folder written by `greedygrow train-core`")
+            raise ConfigError(
+                f"--core {core}: no config.yaml there; point --core at a "
+                "phase-1 run folder written by `greedygrow train-core`"
+            )
         phase1 = read_config(source)
         user = user_keys(config_file, overrides)
-        for key in ("model.core", "model.core_overrides", "data.text_encoder",
-                    "data.text_max_length"):
+        for key in (
+            "model.core",
+            "model.core_overrides",
+            "data.text_encoder",
+            "data.text_max_length",
+        ):
             if key not in user:
                 section, name = key.split(".")
                 value = getattr(getattr(phase1, section), name)
@@ -269,12 +299,19 @@ class Trainable:
             _shard(self.model)
             _shard(self.ema)
         self.optimizer = torch.optim.AdamW(
-            _param_groups(model, cfg, core=not self.frozen), lr=cfg.optim.lr,
-            betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
+            _param_groups(model, cfg, core=not self.frozen),
+            lr=cfg.optim.lr,
+            betas=tuple(cfg.optim.betas),
+            weight_decay=cfg.optim.weight_decay,
         )
         if state is not None:
-            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                           optim_state_dict=state["optimizer"], options=FULL)
+            set_state_dict(
+                self.model,
+                self.optimizer,
+                model_state_dict=state["model"],
+                optim_state_dict=state["optimizer"],
+                options=FULL,
+            )
             set_model_state_dict(self.ema, state["ema"], options=FULL)
         self._wrap()
 
@@ -297,8 +334,9 @@ class Trainable:
         self.frozen = False
         self._wrap()  # DDP registers only the parameters that require grad at construction
 
-    def step(self, batch: dict, encoder, schedule: Schedule, step: int, local_batch: int
-             ) -> tuple[Tensor, float]:
+    def step(
+        self, batch: dict, encoder, schedule: Schedule, step: int, local_batch: int
+    ) -> tuple[Tensor, float]:
         """One optimizer step on this rank's share of the global batch; (loss, grad norm)."""
         cfg, env = self.cfg, self.env
         x = batch["image"].to(env.device, non_blocking=True)
@@ -310,11 +348,17 @@ class Trainable:
 
         def denoise(z: Tensor, logsnr: Tensor) -> Tensor:
             with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=bf16):
-                return self.forward(z, logsnr, text.tokens, text.mask, text.pooled,
-                                    drop_text=drop)
+                return self.forward(z, logsnr, text.tokens, text.mask, text.pooled, drop_text=drop)
 
-        loss = training_loss(denoise, x, schedule, cfg.diffusion.weighting,
-                             cfg.diffusion.multiscale, t=t, noise=noise).mean()
+        loss = training_loss(
+            denoise,
+            x,
+            schedule,
+            cfg.diffusion.weighting,
+            cfg.diffusion.multiscale,
+            t=t,
+            noise=noise,
+        ).mean()
         loss.backward()
         params = [p for p in self.model.parameters() if p.requires_grad]
         grad_norm = _clip(params, cfg.optim.grad_clip)
@@ -368,8 +412,14 @@ def _param_groups(model: UViT, cfg: Config, core: bool, shell: bool = True) -> l
         for decay in (True, False):
             chosen = [p for p in params if (p.ndim >= 2) == decay]
             if chosen:
-                groups.append({"params": chosen, "name": name, "lr_mult": mult,
-                               "weight_decay": cfg.optim.weight_decay if decay else 0.0})
+                groups.append(
+                    {
+                        "params": chosen,
+                        "name": name,
+                        "lr_mult": mult,
+                        "weight_decay": cfg.optim.weight_decay if decay else 0.0,
+                    }
+                )
     return groups
 
 
@@ -426,8 +476,9 @@ def _mix(*values: int) -> int:
     return h >> 1
 
 
-def _step_randomness(cfg: Config, step: int, first: int, x: Tensor
-                     ) -> tuple[Tensor, Tensor, Tensor]:
+def _step_randomness(
+    cfg: Config, step: int, first: int, x: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
     """Caption-drop flags [b], t [b] and noise like x, sample i seeded by (seed, step, first+i)."""
     drops, ts, noises = [], [], []
     for i in range(x.shape[0]):
@@ -443,8 +494,9 @@ class StepSampler(Sampler[list[int]]):
     """This rank's indices for each step from `start`: global position p = step·B + j reads
     index perm_e[p mod N], perm_e a permutation seeded by (seed, epoch e = p // N)."""
 
-    def __init__(self, n: int, global_batch: int, rank: int, world: int, seed: int,
-                 start: int, steps: int) -> None:
+    def __init__(
+        self, n: int, global_batch: int, rank: int, world: int, seed: int, start: int, steps: int
+    ) -> None:
         self.n, self.b, self.seed = n, global_batch, seed
         self.local = global_batch // world
         self.offset = rank * self.local
@@ -469,11 +521,20 @@ class StepSampler(Sampler[list[int]]):
 
 def _batches(cfg: Config, env: Env, start: int, local_batch: int) -> Iterator[dict]:
     d = cfg.data
-    dataset = make_dataset(d.source, d.path, cfg.model.resolution, train=True,
-                           min_native=d.min_native, seed=cfg.run.seed,
-                           count=d.count if d.source == "scenes" else None)
-    kw = {"num_workers": d.workers, "pin_memory": env.device.type == "cuda",
-          "persistent_workers": d.workers > 0}
+    dataset = make_dataset(
+        d.source,
+        d.path,
+        cfg.model.resolution,
+        train=True,
+        min_native=d.min_native,
+        seed=cfg.run.seed,
+        count=d.count if d.source == "scenes" else None,
+    )
+    kw = {
+        "num_workers": d.workers,
+        "pin_memory": env.device.type == "cuda",
+        "persistent_workers": d.workers > 0,
+    }
     if isinstance(dataset, IterableDataset):
         # Streams split themselves over ranks and workers; resuming re-reads `start` batches.
         loader = DataLoader(dataset, batch_size=local_batch, **kw)
@@ -483,8 +544,9 @@ def _batches(cfg: Config, env: Env, start: int, local_batch: int) -> Iterator[di
         return it
     if len(dataset) == 0:
         raise ConfigError(f"data set {d.source}:{d.path} is empty at min_native={d.min_native}")
-    sampler = StepSampler(len(dataset), cfg.run.batch_size, env.rank, env.world,
-                          cfg.run.seed, start, cfg.run.steps)
+    sampler = StepSampler(
+        len(dataset), cfg.run.batch_size, env.rank, env.world, cfg.run.seed, start, cfg.run.steps
+    )
     return iter(DataLoader(dataset, batch_sampler=sampler, **kw))
 
 
@@ -512,14 +574,23 @@ def _write_config(cfg: Config, run: Path, env: Env) -> None:
     _barrier(env)
 
 
-def _checkpoint(cfg: Config, run: Path, env: Env, t: Trainable, step: int, schedule: Schedule
-                ) -> None:
+def _checkpoint(
+    cfg: Config, run: Path, env: Env, t: Trainable, step: int, schedule: Schedule
+) -> None:
     """Save the training state (rank 0 writes) and export EMA and raw weights."""
     state = t.full_state()
     if env.main:
-        save_state(run, step, {"step": step, "config": to_dict(cfg), **state,
-                               "data": {"position": step * cfg.run.batch_size}},
-                   keep=cfg.run.keep)
+        save_state(
+            run,
+            step,
+            {
+                "step": step,
+                "config": to_dict(cfg),
+                **state,
+                "data": {"position": step * cfg.run.batch_size},
+            },
+            keep=cfg.run.keep,
+        )
         meta = export_meta(cfg, schedule, step)
         meta.update(core=t.core_cfg.to_dict(), shell=t.shell_cfg.to_dict())
         export_model(run, state["ema"], meta, name="model")
@@ -552,9 +623,14 @@ class _Logger:
         _truncate_metrics(self.metrics, start)
         self.tb = SummaryWriter(str(run / "tb"), purge_step=start or None)
         self.samples = run / "samples"
-        self.bar = tqdm(total=cfg.run.steps, initial=start, disable=not cfg.run.progress,
-                        desc=f"{cfg.phase} {cfg.model.resolution}px", unit="step",
-                        dynamic_ncols=True)
+        self.bar = tqdm(
+            total=cfg.run.steps,
+            initial=start,
+            disable=not cfg.run.progress,
+            desc=f"{cfg.phase} {cfg.model.resolution}px",
+            unit="step",
+            dynamic_ncols=True,
+        )
         self.last = start
 
     def log(self, step: int, values: dict) -> None:
@@ -563,8 +639,9 @@ class _Logger:
             f.write(json.dumps(entry) + "\n")
         for k, v in values.items():
             self.tb.add_scalar(f"train/{k}", float(v), step)
-        self.bar.set_postfix(loss=f"{values['loss']:.4f}",
-                             img_s=f"{values['images_per_s']:.1f}", refresh=False)
+        self.bar.set_postfix(
+            loss=f"{values['loss']:.4f}", img_s=f"{values['images_per_s']:.1f}", refresh=False
+        )
         self.bar.update(step - self.last)
         self.last = step
 
@@ -585,8 +662,9 @@ def _truncate_metrics(path: Path, start: int) -> None:
     """Drop log lines past `start` (written by an attempt that died before its checkpoint)."""
     if not path.is_file():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip()
-            and json.loads(ln)["step"] <= start]
+    keep = [
+        ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start
+    ]
     path.write_text("".join(ln + "\n" for ln in keep))
 
 
@@ -601,9 +679,18 @@ def _to_array(img: Image.Image):
 
 
 @torch.no_grad()
-def sample_grid(model: nn.Module, encoder, schedule: Schedule, prompts: list[str],
-                per_prompt: int, steps: int, sampler: str, guidance: float, seed: int,
-                device: torch.device | str = "cpu") -> Image.Image:
+def sample_grid(
+    model: nn.Module,
+    encoder,
+    schedule: Schedule,
+    prompts: list[str],
+    per_prompt: int,
+    steps: int,
+    sampler: str,
+    guidance: float,
+    seed: int,
+    device: torch.device | str = "cpu",
+) -> Image.Image:
     """One row per prompt, `per_prompt` images (seeds seed..seed+per_prompt−1), labelled.
 
     All images are sampled as one batch; image j of every prompt uses seed + j, so a row
@@ -613,9 +700,16 @@ def sample_grid(model: nn.Module, encoder, schedule: Schedule, prompts: list[str
     text = encoder.encode(list(prompts)).to(device).repeat_interleave(per_prompt)
     denoise = uvit_denoiser(model, text.tokens, text.mask, text.pooled)
     n = len(prompts) * per_prompt
-    x = sample(denoise, (n, 3, res, res), schedule, steps=steps, sampler=sampler,
-               guidance=guidance, seeds=[seed + i % per_prompt for i in range(n)],
-               device=device)
+    x = sample(
+        denoise,
+        (n, 3, res, res),
+        schedule,
+        steps=steps,
+        sampler=sampler,
+        guidance=guidance,
+        seeds=[seed + i % per_prompt for i in range(n)],
+        device=device,
+    )
     return labelled_grid(list(x.cpu().split(per_prompt)), prompts)
 
 
@@ -661,24 +755,48 @@ def _wrap(text: str, width: int, draw: ImageDraw.ImageDraw, font) -> list[str]:
 # commands: sample, demo
 
 
-def sample_run(model_dir: str | Path, out: str | Path, prompts: list[str], steps: int = 50,
-               sampler: str = "dpmpp2m", guidance: float | None = None, seed: int = 0,
-               per_prompt: int = 4, resolution: int | None = None, ema: bool = True,
-               device: str = "auto") -> Path:
+def sample_run(
+    model_dir: str | Path,
+    out: str | Path,
+    prompts: list[str],
+    steps: int = 50,
+    sampler: str = "dpmpp2m",
+    guidance: float | None = None,
+    seed: int = 0,
+    per_prompt: int = 4,
+    resolution: int | None = None,
+    ema: bool = True,
+    device: str = "auto",
+) -> Path:
     """Sample a labelled grid (one row per prompt) from an exported run; returns the PNG."""
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       "cpu" if device == "auto" else device)
+    dev = torch.device(
+        "cuda"
+        if device == "auto" and torch.cuda.is_available()
+        else "cpu"
+        if device == "auto"
+        else device
+    )
     model, meta = load_model(model_dir, ema=ema, device=dev)
     if resolution is not None and resolution != model.shell_config.resolution:
         raise ConfigError(
             f"--resolution {resolution}: {model_dir} was trained at "
             f"{model.shell_config.resolution} px and its core sees a fixed "
             f"{model.core_config.grid}×{model.core_config.grid} grid; grow it to {resolution} "
-            "px with `greedygrow grow` to sample there")
+            "px with `greedygrow grow` to sample there"
+        )
     encoder = text_encoder(meta["text_encoder"], meta["text_max_length"], str(dev))
-    grid = sample_grid(model, encoder, Schedule.from_dict(meta["schedule"]), prompts,
-                       per_prompt, steps, sampler,
-                       meta["guidance"] if guidance is None else guidance, seed, dev)
+    grid = sample_grid(
+        model,
+        encoder,
+        Schedule.from_dict(meta["schedule"]),
+        prompts,
+        per_prompt,
+        steps,
+        sampler,
+        meta["guidance"] if guidance is None else guidance,
+        seed,
+        dev,
+    )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     grid.save(out)
@@ -688,28 +806,69 @@ def sample_run(model_dir: str | Path, out: str | Path, prompts: list[str], steps
 def _demo_settings(quick: bool) -> tuple[list[str], list[str], int]:
     """(train-core overrides, grow overrides, grown resolution) of `greedygrow demo`.
 
-    Sized by measurement on 2 cores with one other job running: the cpu-mini core trains at
-    32 px at ~23 images/s (colours bind within its first 8,000 images), the grown 64 px
-    model at ~18 images/s: phase 1 (12,800 images) ~9.5 min, phase 2 (3,200) ~3 min,
-    sampling ~0.5 min.
+    Sized by measurement on 2 cores: the cpu-mini core trains at 32 px at ~23 images/s
+    (colours bind within its first 8,000 images), the grown 64 px model at ~18 images/s:
+    phase 1 (10,240 images) ~8 min, phase 2 (2,560) ~2.5 min, sampling ~0.5 min, leaving
+    room under the 15-minute promise on a slower machine.
     """
-    common = ["data.source=scenes", "run.precision=bf16", "data.workers=1", "run.log_every=5",
-              "run.sample_per_prompt=2", "run.sample_guidance=3.0"]
+    common = [
+        "data.source=scenes",
+        "run.precision=bf16",
+        "data.workers=1",
+        "run.log_every=5",
+        "run.sample_per_prompt=2",
+        "run.sample_guidance=3.0",
+    ]
     if quick:
-        core = [*common, "model.core=cpu-tiny", "model.resolution=32", "run.steps=20",
-                "run.batch_size=8", "run.checkpoint_every=10", "run.sample_every=0",
-                "run.sample_steps=4", "data.count=2000", "optim.warmup_steps=5"]
-        grown = [*common, "run.steps=8", "run.batch_size=4", "run.checkpoint_every=8",
-                 "run.sample_every=0", "run.sample_steps=4", "data.count=4000",
-                 "optim.warmup_steps=4"]
+        core = [
+            *common,
+            "model.core=cpu-tiny",
+            "model.resolution=32",
+            "run.steps=20",
+            "run.batch_size=8",
+            "run.checkpoint_every=10",
+            "run.sample_every=0",
+            "run.sample_steps=4",
+            "data.count=2000",
+            "optim.warmup_steps=5",
+        ]
+        grown = [
+            *common,
+            "run.steps=8",
+            "run.batch_size=4",
+            "run.checkpoint_every=8",
+            "run.sample_every=0",
+            "run.sample_steps=4",
+            "data.count=4000",
+            "optim.warmup_steps=4",
+        ]
         return core, grown, 64
-    core = [*common, "model.core=cpu-mini", "model.resolution=32", "run.steps=400",
-            "run.batch_size=32", "run.checkpoint_every=100", "run.sample_every=200",
-            "run.sample_steps=20", "data.count=100000", "optim.warmup_steps=50",
-            "optim.lr=1e-3", "optim.ema_decay=0.995"]
-    grown = [*common, "run.steps=200", "run.batch_size=16", "run.checkpoint_every=100",
-             "run.sample_every=200", "run.sample_steps=20", "data.count=100000",
-             "optim.warmup_steps=20", "optim.lr=1e-3", "optim.ema_decay=0.99"]
+    core = [
+        *common,
+        "model.core=cpu-mini",
+        "model.resolution=32",
+        "run.steps=320",
+        "run.batch_size=32",
+        "run.checkpoint_every=80",
+        "run.sample_every=160",
+        "run.sample_steps=20",
+        "data.count=100000",
+        "optim.warmup_steps=50",
+        "optim.lr=1e-3",
+        "optim.ema_decay=0.995",
+    ]
+    grown = [
+        *common,
+        "run.steps=160",
+        "run.batch_size=16",
+        "run.checkpoint_every=80",
+        "run.sample_every=160",
+        "run.sample_steps=20",
+        "data.count=100000",
+        "optim.warmup_steps=20",
+        "optim.lr=1e-3",
+        "optim.ema_decay=0.99",
+    ]
     return core, grown, 64
 
 
@@ -724,26 +883,42 @@ def demo(out: str | Path, quick: bool = False) -> dict[str, Path]:
     t0 = time.time()
     print(f"[demo] phase 1: training a Shallow-UViT core at 32 px -> {out / 'core'}")
     train(train_core_config(None, [*core_over, cache]), out / "core")
-    print(f"[demo] phase 1 took {time.time() - t0:.0f} s; phase 2: growing the core to {res} px, "
-          f"frozen (greedy) -> {out / 'grown'}")
+    print(
+        f"[demo] phase 1 took {time.time() - t0:.0f} s; phase 2: growing the core to {res} px, "
+        f"frozen (greedy) -> {out / 'grown'}"
+    )
     t1 = time.time()
-    train(grow_config(str(out / "core"), res, "greedy", None, None, [*grow_over, cache]),
-          out / "grown")
+    train(
+        grow_config(str(out / "core"), res, "greedy", None, None, [*grow_over, cache]),
+        out / "grown",
+    )
     print(f"[demo] phase 2 took {time.time() - t1:.0f} s; sampling held-out prompts")
     # held-out prompts: captions of scenes from a seed the training never saw
     prompts = [sample_scene(7919, i).caption for i in range(3 if quick else 6)]
-    grid = sample_run(out / "grown", out / "samples.png", prompts, steps=4 if quick else 20,
-                      guidance=3.0, per_prompt=2 if quick else 4)
-    written = {"core run": out / "core", "grown run": out / "grown", "samples": grid,
-               "core metrics": out / "core" / "metrics.jsonl",
-               "grown metrics": out / "grown" / "metrics.jsonl"}
+    grid = sample_run(
+        out / "grown",
+        out / "samples.png",
+        prompts,
+        steps=4 if quick else 20,
+        guidance=3.0,
+        per_prompt=2 if quick else 4,
+    )
+    written = {
+        "core run": out / "core",
+        "grown run": out / "grown",
+        "samples": grid,
+        "core metrics": out / "core" / "metrics.jsonl",
+        "grown metrics": out / "grown" / "metrics.jsonl",
+    }
     for phase in ("core", "grown"):
         if (out / phase / "samples").is_dir():
             written[f"{phase} grids"] = out / phase / "samples"
     print(f"[demo] done in {time.time() - t0:.0f} s. Wrote:")
     for name, path in written.items():
         print(f"  {name:15s} {path}")
-    print(f"  sample more:    greedygrow sample --model {out / 'grown'} --out more.png "
-          '"two red circles"')
+    print(
+        f"  sample more:    greedygrow sample --model {out / 'grown'} --out more.png "
+        '"two red circles"'
+    )
     print(f"  TensorBoard:    tensorboard --logdir {out}")
     return written
