@@ -259,7 +259,8 @@ def main() -> None:
             f"Measured {datetime.date.today().isoformat()} with `python "
             f"benchmarks/bench_model.py {' '.join(sys.argv[1:])}` on {machine}; load average "
             f"{load_before:.1f} before, "
-            f"{load_after:.1f} after (a shared machine: the lead re-measures on a quiet one).",
+            f"{load_after:.1f} after (above ≈ 1: another job shared the cores; read the per "
+            "CPU-s columns).",
             "",
             rate_line + " — the denominator of MFU.",
             "",

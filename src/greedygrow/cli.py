@@ -258,12 +258,12 @@ def _add_sample(p: argparse.ArgumentParser) -> None:
 
 
 def _run_sample(args: argparse.Namespace) -> int:
-    from greedygrow.train import sample_run
+    from greedygrow.sample import sample_to_png
 
     return _refusing(
         "sample",
         lambda: print(
-            sample_run(
+            sample_to_png(
                 args.model,
                 args.out,
                 args.prompts,
@@ -377,7 +377,7 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from greedygrow.train import demo
+    from greedygrow.demo import demo
 
     return _refusing("demo", lambda: demo(args.out, quick=args.quick))
 

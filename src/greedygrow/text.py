@@ -19,6 +19,7 @@ embedding once, in append-only safetensors shards (see `CachedTextEncoder`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -332,6 +333,13 @@ def load_text_encoder(
         batch_size=batch_size,
         **head,
     )
+
+
+@functools.lru_cache(maxsize=2)
+def shared_text_encoder(spec: str, max_length: int, device: str) -> TextEncoder:
+    """`load_text_encoder`, loaded once per process for each (spec, max_length, device): the
+    encoder is frozen, so the demo's two phases and the runs of one report share it."""
+    return load_text_encoder(spec, max_length, device)
 
 
 def _minilm_dir() -> str:

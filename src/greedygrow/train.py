@@ -15,7 +15,6 @@ RNG, reseeded per (seed, step, rank).)
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -38,7 +37,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
-from greedygrow.checkpoint import export_model, load_latest_state, load_model, save_state
+from greedygrow.checkpoint import export_model, load_latest_state, save_state
 from greedygrow.config import (
     Config,
     ConfigError,
@@ -57,8 +56,8 @@ from greedygrow.data import make_dataset
 from greedygrow.diffusion import Schedule, schedule_for, training_loss
 from greedygrow.grow import core_is_frozen, grow, set_core_frozen
 from greedygrow.model import UViT
-from greedygrow.sampling import sample, uvit_denoiser
-from greedygrow.text import CachedTextEncoder, load_text_encoder
+from greedygrow.sample import sample_grid
+from greedygrow.text import CachedTextEncoder, shared_text_encoder
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +99,7 @@ def _train(cfg: Config, run: Path, env: Env) -> Path:
     local_batch = r.batch_size // env.world
     schedule = schedule_for(cfg.model.resolution, cfg.diffusion.schedule)
     encoder = CachedTextEncoder(
-        text_encoder(cfg.data.text_encoder, cfg.data.text_max_length, str(env.device)),
+        shared_text_encoder(cfg.data.text_encoder, cfg.data.text_max_length, str(env.device)),
         cfg.data.text_cache_dir or run / "text-cache",
     )
     resumed = load_latest_state(run)
@@ -246,12 +245,6 @@ def init_distributed(device: str = "auto") -> Env:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
     return Env(dist.get_rank(), dist.get_world_size(), dev)
-
-
-@functools.lru_cache(maxsize=2)
-def text_encoder(spec: str, max_length: int, device: str):
-    """The frozen text encoder, loaded once per process (the demo's phases share it)."""
-    return load_text_encoder(spec, max_length, device)
 
 
 def _all_mean(x: Tensor, env: Env) -> float:
@@ -672,253 +665,3 @@ def _to_array(img: Image.Image):
     import numpy as np
 
     return np.asarray(img.convert("RGB")).copy()
-
-
-# ---------------------------------------------------------------------------------------------
-# sampling a labelled grid (used by the trainer and `greedygrow sample`)
-
-
-@torch.no_grad()
-def sample_grid(
-    model: nn.Module,
-    encoder,
-    schedule: Schedule,
-    prompts: list[str],
-    per_prompt: int,
-    steps: int,
-    sampler: str,
-    guidance: float,
-    seed: int,
-    device: torch.device | str = "cpu",
-) -> Image.Image:
-    """One row per prompt, `per_prompt` images (seeds seed..seed+per_prompt−1), labelled.
-
-    All images are sampled as one batch; image j of every prompt uses seed + j, so a row
-    differs from another only by its prompt.
-    """
-    res = model.shell_config.resolution
-    text = encoder.encode(list(prompts)).to(device).repeat_interleave(per_prompt)
-    denoise = uvit_denoiser(model, text.tokens, text.mask, text.pooled)
-    n = len(prompts) * per_prompt
-    x = sample(
-        denoise,
-        (n, 3, res, res),
-        schedule,
-        steps=steps,
-        sampler=sampler,
-        guidance=guidance,
-        seeds=[seed + i % per_prompt for i in range(n)],
-        device=device,
-    )
-    return labelled_grid(list(x.cpu().split(per_prompt)), prompts)
-
-
-def labelled_grid(rows: list[Tensor], labels: list[str], min_cell: int = 96) -> Image.Image:
-    """A PNG-ready grid: each row of images [n,3,H,W] in [−1, 1] under its label (wrapped
-    to the grid's width). Small images are enlarged (nearest) to at least `min_cell` px."""
-    font = ImageFont.load_default()
-    h, w = rows[0].shape[-2:]
-    scale = max(1, math.ceil(min_cell / h))
-    cell_h, cell_w, line_h, pad = h * scale, w * scale, 14, 4
-    cols = max(r.shape[0] for r in rows)
-    width = max(cols * (cell_w + pad) + pad, 256)
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    wrapped = [_wrap(label, width - 2 * pad, measure, font) for label in labels]
-    height = pad + sum(len(lines) * line_h + cell_h + pad for lines in wrapped)
-    canvas = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(canvas)
-    y = pad
-    for images, lines in zip(rows, wrapped, strict=True):
-        for line in lines:
-            draw.text((pad, y), line, fill="black", font=font)
-            y += line_h
-        for j, img in enumerate(images):
-            arr = ((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0)
-            tile = Image.fromarray(arr.numpy()).resize((cell_w, cell_h), Image.NEAREST)
-            canvas.paste(tile, (pad + j * (cell_w + pad), y))
-        y += cell_h + pad
-    return canvas
-
-
-def _wrap(text: str, width: int, draw: ImageDraw.ImageDraw, font) -> list[str]:
-    """Greedy word wrap of `text` to lines at most `width` px wide in `font`."""
-    lines: list[str] = []
-    for word in text.split():
-        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
-            lines[-1] = f"{lines[-1]} {word}"
-        else:
-            lines.append(word)
-    return lines or [""]
-
-
-# ---------------------------------------------------------------------------------------------
-# commands: sample, demo
-
-
-def sample_run(
-    model_dir: str | Path,
-    out: str | Path,
-    prompts: list[str],
-    steps: int = 50,
-    sampler: str = "dpmpp2m",
-    guidance: float | None = None,
-    seed: int = 0,
-    per_prompt: int = 4,
-    resolution: int | None = None,
-    ema: bool = True,
-    device: str = "auto",
-) -> Path:
-    """Sample a labelled grid (one row per prompt) from an exported run; returns the PNG."""
-    dev = torch.device(
-        "cuda"
-        if device == "auto" and torch.cuda.is_available()
-        else "cpu"
-        if device == "auto"
-        else device
-    )
-    model, meta = load_model(model_dir, ema=ema, device=dev)
-    if resolution is not None and resolution != model.shell_config.resolution:
-        raise ConfigError(
-            f"--resolution {resolution}: {model_dir} was trained at "
-            f"{model.shell_config.resolution} px and its core sees a fixed "
-            f"{model.core_config.grid}×{model.core_config.grid} grid; grow it to {resolution} "
-            "px with `greedygrow grow` to sample there"
-        )
-    encoder = text_encoder(meta["text_encoder"], meta["text_max_length"], str(dev))
-    grid = sample_grid(
-        model,
-        encoder,
-        Schedule.from_dict(meta["schedule"]),
-        prompts,
-        per_prompt,
-        steps,
-        sampler,
-        meta["guidance"] if guidance is None else guidance,
-        seed,
-        dev,
-    )
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(out)
-    return out
-
-
-def _demo_settings(quick: bool) -> tuple[list[str], list[str], int]:
-    """(train-core overrides, grow overrides, grown resolution) of `greedygrow demo`.
-
-    Sized by measurement on 2 cores: the cpu-mini core trains at 32 px at ~23 images/s
-    (colours bind within its first 8,000 images), the grown 64 px model at ~18 images/s:
-    phase 1 (10,240 images) ~8 min, phase 2 (2,560) ~2.5 min, sampling ~0.5 min, leaving
-    room under the 15-minute promise on a slower machine.
-    """
-    common = [
-        "data.source=scenes",
-        "run.precision=bf16",
-        "data.workers=1",
-        "run.log_every=5",
-        "run.sample_per_prompt=2",
-        "run.sample_guidance=3.0",
-    ]
-    if quick:
-        core = [
-            *common,
-            "model.core=cpu-tiny",
-            "model.resolution=32",
-            "run.steps=20",
-            "run.batch_size=8",
-            "run.checkpoint_every=10",
-            "run.sample_every=0",
-            "run.sample_steps=4",
-            "data.count=2000",
-            "optim.warmup_steps=5",
-        ]
-        grown = [
-            *common,
-            "run.steps=8",
-            "run.batch_size=4",
-            "run.checkpoint_every=8",
-            "run.sample_every=0",
-            "run.sample_steps=4",
-            "data.count=4000",
-            "optim.warmup_steps=4",
-        ]
-        return core, grown, 64
-    core = [
-        *common,
-        "model.core=cpu-mini",
-        "model.resolution=32",
-        "run.steps=320",
-        "run.batch_size=32",
-        "run.checkpoint_every=80",
-        "run.sample_every=160",
-        "run.sample_steps=20",
-        "data.count=100000",
-        "optim.warmup_steps=50",
-        "optim.lr=1e-3",
-        "optim.ema_decay=0.995",
-    ]
-    grown = [
-        *common,
-        "run.steps=160",
-        "run.batch_size=16",
-        "run.checkpoint_every=80",
-        "run.sample_every=160",
-        "run.sample_steps=20",
-        "data.count=100000",
-        "optim.warmup_steps=20",
-        "optim.lr=1e-3",
-        "optim.ema_decay=0.99",
-    ]
-    return core, grown, 64
-
-
-def demo(out: str | Path, quick: bool = False) -> dict[str, Path]:
-    """The whole method on scenes, CPU-sized: train a core at 32 px, grow it (greedy) to
-    64 px, sample held-out prompts. Running it again resumes. Returns what it wrote."""
-    from greedygrow.data.scenes import sample_scene
-
-    out = Path(out)
-    cache = f"data.text_cache_dir={out / 'text-cache'}"
-    core_over, grow_over, res = _demo_settings(quick)
-    t0 = time.time()
-    print(f"[demo] phase 1: training a Shallow-UViT core at 32 px -> {out / 'core'}")
-    train(train_core_config(None, [*core_over, cache]), out / "core")
-    print(
-        f"[demo] phase 1 took {time.time() - t0:.0f} s; phase 2: growing the core to {res} px, "
-        f"frozen (greedy) -> {out / 'grown'}"
-    )
-    t1 = time.time()
-    train(
-        grow_config(str(out / "core"), res, "greedy", None, None, [*grow_over, cache]),
-        out / "grown",
-    )
-    print(f"[demo] phase 2 took {time.time() - t1:.0f} s; sampling held-out prompts")
-    # held-out prompts: captions of scenes from a seed the training never saw
-    prompts = [sample_scene(7919, i).caption for i in range(3 if quick else 6)]
-    grid = sample_run(
-        out / "grown",
-        out / "samples.png",
-        prompts,
-        steps=4 if quick else 20,
-        guidance=3.0,
-        per_prompt=2 if quick else 4,
-    )
-    written = {
-        "core run": out / "core",
-        "grown run": out / "grown",
-        "samples": grid,
-        "core metrics": out / "core" / "metrics.jsonl",
-        "grown metrics": out / "grown" / "metrics.jsonl",
-    }
-    for phase in ("core", "grown"):
-        if (out / phase / "samples").is_dir():
-            written[f"{phase} grids"] = out / phase / "samples"
-    print(f"[demo] done in {time.time() - t0:.0f} s. Wrote:")
-    for name, path in written.items():
-        print(f"  {name:15s} {path}")
-    print(
-        f"  sample more:    greedygrow sample --model {out / 'grown'} --out more.png "
-        '"two red circles"'
-    )
-    print(f"  TensorBoard:    tensorboard --logdir {out}")
-    return written

@@ -14,7 +14,6 @@ training loss from RUN/metrics.jsonl. The output folder gets:
 from __future__ import annotations
 
 import base64
-import functools
 import html
 import io
 import json
@@ -44,7 +43,7 @@ from greedygrow.evaluate.alignment import (
 )
 from greedygrow.evaluate.distribution import Extractors, distribution_metrics
 from greedygrow.sampling import sample, uvit_denoiser
-from greedygrow.text import load_text_encoder
+from greedygrow.text import shared_text_encoder
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 THUMB = 128  # thumbnail side in the HTML report
@@ -171,14 +170,8 @@ def _resize(images: Tensor, resolution: int) -> Tensor:
     return torch.stack(out)
 
 
-@functools.lru_cache(maxsize=2)
-def _text_encoder(spec: str, max_length: int, device: str):
-    """Text encoders are frozen: runs compared in one report share one instance."""
-    return load_text_encoder(spec, max_length, device=device)
-
-
 @torch.no_grad()
-def sample_run(
+def sample_prompts(
     run_dir: str | os.PathLike,
     captions: Sequence[str],
     settings: Settings,
@@ -187,7 +180,7 @@ def sample_run(
     """Sample every caption once per seed: (uint8 images [N,3,R,R], prompt index per image,
     image seeds, run meta). Image i depends only on its own seed (sampling contract)."""
     model, meta = load_model(run_dir, ema=settings.ema, device=settings.device)
-    encoder = _text_encoder(
+    encoder = shared_text_encoder(
         meta["text_encoder"], int(meta.get("text_max_length", 32)), settings.device
     )
     schedule = Schedule.from_dict(meta["schedule"])
@@ -301,7 +294,7 @@ def evaluate_run(
 
     references: a folder of images, or None to use the scene prompts' ground-truth renders.
     """
-    images, prompt_of, seeds, meta = sample_run(run_dir, prompts.captions, settings, progress)
+    images, prompt_of, seeds, meta = sample_prompts(run_dir, prompts.captions, settings, progress)
     if settings.resolution is not None and settings.resolution != images.shape[-1]:
         images = _resize(images, settings.resolution)
     results, summary = score_alignment(images, prompt_of, prompts)

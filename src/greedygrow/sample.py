@@ -1,0 +1,134 @@
+"""Labelled sample grids: from a model in memory (the trainer's periodic grids) and from an
+exported run folder (`greedygrow sample`)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torch import Tensor, nn
+
+from greedygrow.checkpoint import load_model
+from greedygrow.config import ConfigError
+from greedygrow.diffusion import Schedule
+from greedygrow.sampling import sample, uvit_denoiser
+from greedygrow.text import shared_text_encoder
+
+
+@torch.no_grad()
+def sample_grid(
+    model: nn.Module,
+    encoder,
+    schedule: Schedule,
+    prompts: list[str],
+    per_prompt: int,
+    steps: int,
+    sampler: str,
+    guidance: float,
+    seed: int,
+    device: torch.device | str = "cpu",
+) -> Image.Image:
+    """One row per prompt, `per_prompt` images (seeds seed..seed+per_prompt−1), labelled.
+
+    All images are sampled as one batch; image j of every prompt uses seed + j, so a row
+    differs from another only by its prompt.
+    """
+    res = model.shell_config.resolution
+    text = encoder.encode(list(prompts)).to(device).repeat_interleave(per_prompt)
+    denoise = uvit_denoiser(model, text.tokens, text.mask, text.pooled)
+    n = len(prompts) * per_prompt
+    x = sample(
+        denoise,
+        (n, 3, res, res),
+        schedule,
+        steps=steps,
+        sampler=sampler,
+        guidance=guidance,
+        seeds=[seed + i % per_prompt for i in range(n)],
+        device=device,
+    )
+    return labelled_grid(list(x.cpu().split(per_prompt)), prompts)
+
+
+def labelled_grid(rows: list[Tensor], labels: list[str], min_cell: int = 128) -> Image.Image:
+    """A PNG-ready grid: each row of images [n,3,H,W] in [−1, 1] under its label (wrapped
+    to the grid's width). Small images are enlarged (nearest) to at least `min_cell` px."""
+    font = ImageFont.load_default()
+    h, w = rows[0].shape[-2:]
+    scale = max(1, math.ceil(min_cell / h))
+    cell_h, cell_w, line_h, pad = h * scale, w * scale, 14, 4
+    cols = max(r.shape[0] for r in rows)
+    width = max(cols * (cell_w + pad) + pad, 256)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    wrapped = [_wrap(label, width - 2 * pad, measure, font) for label in labels]
+    height = pad + sum(len(lines) * line_h + cell_h + pad for lines in wrapped)
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    y = pad
+    for images, lines in zip(rows, wrapped, strict=True):
+        for line in lines:
+            draw.text((pad, y), line, fill="black", font=font)
+            y += line_h
+        for j, img in enumerate(images):
+            arr = ((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0)
+            tile = Image.fromarray(arr.numpy()).resize((cell_w, cell_h), Image.NEAREST)
+            canvas.paste(tile, (pad + j * (cell_w + pad), y))
+        y += cell_h + pad
+    return canvas
+
+
+def _wrap(text: str, width: int, draw: ImageDraw.ImageDraw, font) -> list[str]:
+    """Greedy word wrap of `text` to lines at most `width` px wide in `font`."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines or [""]
+
+
+def sample_to_png(
+    model_dir: str | Path,
+    out: str | Path,
+    prompts: list[str],
+    steps: int = 50,
+    sampler: str = "dpmpp2m",
+    guidance: float | None = None,
+    seed: int = 0,
+    per_prompt: int = 4,
+    resolution: int | None = None,
+    ema: bool = True,
+    device: str = "auto",
+) -> Path:
+    """Sample a labelled grid (one row per prompt) from an exported run; returns the PNG."""
+    dev = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    )
+    model, meta = load_model(model_dir, ema=ema, device=dev)
+    if resolution is not None and resolution != model.shell_config.resolution:
+        raise ConfigError(
+            f"--resolution {resolution}: {model_dir} was trained at "
+            f"{model.shell_config.resolution} px and its core sees a fixed "
+            f"{model.core_config.grid}×{model.core_config.grid} grid; grow it to {resolution} "
+            "px with `greedygrow grow` to sample there"
+        )
+    encoder = shared_text_encoder(meta["text_encoder"], meta["text_max_length"], str(dev))
+    grid = sample_grid(
+        model,
+        encoder,
+        Schedule.from_dict(meta["schedule"]),
+        prompts,
+        per_prompt,
+        steps,
+        sampler,
+        meta["guidance"] if guidance is None else guidance,
+        seed,
+        dev,
+    )
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(out)
+    return out
