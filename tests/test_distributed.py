@@ -10,9 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file
 
 from greedygrow.checkpoint import state_path
+from greedygrow.model.layers import Linear
+from greedygrow.train import _shard
+from test_model import inputs, randomise_zero_inits, tiny_uvit
 from test_train import GROW, TINY
 
 STEPS = 4
@@ -90,6 +94,40 @@ def test_ddp_two_processes_equal_one_with_the_same_global_batch(single, tmp_path
 def test_fsdp2_two_processes_equal_one_with_the_same_global_batch(single, fsdp):
     _assert_same_run(fsdp, single[0])
     assert len(list((fsdp / "tb").iterdir())) == 1
+
+
+def test_fsdp2_bf16_computes_with_bf16_parameters_and_keeps_fp32_masters():
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = tiny_uvit("grown", 32)
+        randomise_zero_inits(model)
+        _shard(model, bf16=True)
+        used = []
+        linear = next(m for m in model.core.blocks[0].modules() if isinstance(m, Linear))
+        linear.register_forward_pre_hook(lambda m, _: used.append(m.weight.dtype))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(**inputs(2, 32))
+        out.float().square().mean().backward()
+        assert used == [torch.bfloat16]  # gathered in bf16 for compute ...
+        assert {p.dtype for p in model.parameters()} == {torch.float32}  # ... master shards fp32
+        assert {p.grad.dtype for p in model.parameters() if p.grad is not None} == {torch.float32}
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_bf16_two_processes_match_one_bf16_process(single, tmp_path):
+    text_cache = single[1]
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run(one, 1, text_cache, "run.precision=bf16")
+    _run(two, 2, text_cache, "run.precision=bf16", "run.parallel=fsdp")
+    # not bit-equal: norms, biases and embeddings now see bf16 parameters, not fp32 ones
+    assert _losses(two) == pytest.approx(_losses(one), rel=1e-3)
+    wa, wb = load_file(two / "model-raw.safetensors"), load_file(one / "model-raw.safetensors")
+    assert {t.dtype for t in wa.values()} == {torch.float32}
+    # Adam moves a weight by at most ~lr per step whatever its gradient, so tiny gradient
+    # differences may show as up to STEPS × lr (1e-3) where a gradient is near zero
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=STEPS * 1e-3, msg=k)
 
 
 def test_resume_on_a_different_number_of_processes(single, fsdp, tmp_path):

@@ -289,8 +289,8 @@ class Trainable:
             set_core_frozen(model, self.frozen)
         self.fsdp = cfg.run.parallel == "fsdp" and env.world > 1
         if self.fsdp:
-            _shard(self.model)
-            _shard(self.ema)
+            _shard(self.model, bf16=cfg.run.precision == "bf16")
+            _shard(self.ema, bf16=False)
         self.optimizer = torch.optim.AdamW(
             _param_groups(model, cfg, core=not self.frozen),
             lr=cfg.optim.lr,
@@ -382,12 +382,19 @@ def _copy_model(model: UViT, core_cfg, shell_cfg) -> UViT:
     return copy
 
 
-def _shard(model: UViT) -> None:
-    from torch.distributed.fsdp import fully_shard
+def _shard(model: UViT, bf16: bool) -> None:
+    """FSDP2: one unit per core block, one for the rest. With bf16, parameters are gathered
+    and used in bf16 (half the all-gather traffic) while the sharded master weights, the
+    optimizer and the gradient reduce-scatter stay fp32 (as torchtitan does)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    mp = MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16 if bf16 else None,
+        reduce_dtype=torch.float32 if bf16 else None,
+    )
     for block in model.core.blocks:
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
 
 
 def _local(p: Tensor) -> Tensor:
