@@ -170,10 +170,48 @@ def test_weightings_follow_their_formulas():
     eps_mse = ((s * z - eps) ** 2).mean((1, 2, 3))  # v̂ = 0 → ε̂ = σ z
     snr = lam.double().exp()
     torch.testing.assert_close(losses["v_mse"], v_mse, rtol=1e-5, atol=1e-7)
-    sig = torch.sigmoid(SIGMOID_BIAS - lam.double()) * eps_mse
+    a_, b_ = math.atan(math.exp(-7.5)), math.atan(math.exp(7.5))
+    slope = 4 * (b_ - a_) * torch.cosh(lam.double() / 2)  # −dλ/dt of the cosine, from λ alone
+    sig = 0.5 * torch.sigmoid(SIGMOID_BIAS - lam.double()) * slope * eps_mse
     torch.testing.assert_close(losses["sigmoid"].double(), sig, rtol=1e-4, atol=1e-7)
     msnr = snr.clamp(max=MIN_SNR_GAMMA) / (snr + 1) * v_mse
     torch.testing.assert_close(losses["min_snr"].double(), msnr, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "schedule", [Schedule(), schedule_for(128), schedule_for(512), schedule_for(1024)]
+)
+def test_dlogsnr_dt_matches_finite_differences(schedule):
+    t = torch.linspace(0.02, 0.98, 97, dtype=torch.float64)
+    h = 1e-6
+    numeric = (schedule.logsnr(t + h) - schedule.logsnr(t - h)) / (2 * h)
+    lam = schedule.logsnr(t)
+    clamped = (lam - schedule.logsnr_min).abs() < 1e-3  # the kink where the clamp starts
+    analytic = schedule.dlogsnr_dt(t)
+    torch.testing.assert_close(analytic[~clamped], numeric[~clamped], rtol=1e-6, atol=1e-6)
+    assert (analytic <= 0).all()
+
+
+@pytest.mark.parametrize(
+    "schedule", [Schedule(), schedule_for(32), schedule_for(512), schedule_for(1024)]
+)
+def test_sigmoid_weighting_is_one_density_in_logsnr_whatever_the_schedule(schedule):
+    # With ‖ε̂ − ε‖² = 1 everywhere, E_t[L] = ½ ∫ sigmoid(b − λ) dλ over the schedule's λ range
+    # = ½ [softplus(b − λ(1)) − softplus(b − λ(0))]: t's density must not leak into the weight.
+    n = 200_000
+    t = (torch.arange(n, dtype=torch.float64) + 0.5) / n  # midpoint rule over t
+    x = torch.zeros(n, 1, dtype=torch.float64)
+    noise = torch.ones(n, 1, dtype=torch.float64)
+
+    def off_by_one_eps(z, logsnr):  # v̂ = v + 1/α, so ε̂ − ε = α (v̂ − v) = 1
+        a, _ = alpha_sigma(logsnr.double().view(-1, 1))
+        return v_target(x, noise, logsnr.double()) + 1 / a
+
+    loss = training_loss(off_by_one_eps, x, schedule, "sigmoid", t=t, noise=noise)
+    b = SIGMOID_BIAS
+    ends = schedule.logsnr(torch.tensor([1.0, 0.0], dtype=torch.float64))
+    expected = 0.5 * (F.softplus(b - ends[0]) - F.softplus(b - ends[1]))
+    assert loss.mean().item() == pytest.approx(expected.item(), rel=2e-3)
 
 
 def test_multiscale_loss_averages_pooled_residuals_down_to_32px():

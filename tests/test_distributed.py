@@ -105,10 +105,13 @@ def test_fsdp2_bf16_computes_with_bf16_parameters_and_keeps_fp32_masters():
         used = []
         linear = next(m for m in model.core.blocks[0].modules() if isinstance(m, Linear))
         linear.register_forward_pre_hook(lambda m, _: used.append(m.weight.dtype))
+        residual = []
+        model.core.blocks[0].register_forward_pre_hook(lambda m, a: residual.append(a[0].dtype))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(**inputs(2, 32))
         out.float().square().mean().backward()
         assert used == [torch.bfloat16]  # gathered in bf16 for compute ...
+        assert residual == [torch.float32]  # ... around a float32 residual stream, as with DDP
         assert {p.dtype for p in model.parameters()} == {torch.float32}  # ... master shards fp32
         assert {p.grad.dtype for p in model.parameters() if p.grad is not None} == {torch.float32}
     finally:
@@ -141,7 +144,8 @@ def test_resume_on_a_different_number_of_processes(single, fsdp, tmp_path):
 
 
 @pytest.mark.slow
-def test_fsdp2_unfreeze_equals_one_process(tmp_path, single):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_unfreeze_on_two_processes_equals_one_process(tmp_path, single, parallel):
     core_run = tmp_path / "core"
     _run(core_run, 1, single[1])
     grow = (
@@ -158,7 +162,7 @@ def test_fsdp2_unfreeze_equals_one_process(tmp_path, single):
     )
     one, two = tmp_path / "one", tmp_path / "two"
     _run(one, 1, single[1], command=grow)
-    _run(two, 2, single[1], "run.parallel=fsdp", command=grow)
+    _run(two, 2, single[1], f"run.parallel={parallel}", command=grow)
     _assert_same_run(two, one)
     frozen = [
         json.loads(x)["core_frozen"] for x in (two / "metrics.jsonl").read_text().split("\n") if x

@@ -74,26 +74,39 @@ def test_frechet_rejects_mismatched_shapes():
         frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
 
 
-def test_cmmd_of_a_set_with_itself_is_zero():
+def test_cmmd_of_a_set_with_itself_is_zero_up_to_the_unbiased_correction():
     g = torch.Generator().manual_seed(0)
     x = torch.nn.functional.normalize(torch.randn(200, 32, generator=g), dim=1)
-    assert cmmd(x, x) == pytest.approx(0.0, abs=1e-9)
     assert cmmd(x, x, unbiased=False) == pytest.approx(0.0, abs=1e-9)
-    y = torch.nn.functional.normalize(torch.randn(200, 32, generator=g), dim=1)
-    assert cmmd(x, y) > 1e-3  # different sets are not at distance 0
+    k = torch.exp(-(torch.cdist(x.double(), x.double()) ** 2) / 200)
+    off_diagonal = (k.sum() - 200) / (200 * 199)
+    correction = -2 * (1 - off_diagonal.item()) / 200  # MMD²_u(x, x), from the definition
+    assert cmmd(x, x) == pytest.approx(1000 * correction, rel=1e-9)
+    y = torch.nn.functional.normalize(torch.randn(200, 32, generator=g) + 0.5, dim=1)
+    assert cmmd(x, y) > 10 * abs(cmmd(x, x))  # another distribution is far from that
 
 
-def test_unbiased_mmd_matches_the_u_statistic_for_unequal_sizes():
+@pytest.mark.parametrize("m, n", [(30, 17), (25, 25)])
+def test_unbiased_mmd_matches_the_u_statistic(m, n):
     g = torch.Generator().manual_seed(4)
-    x, y = torch.randn(30, 5, generator=g).double(), torch.randn(17, 5, generator=g).double() + 1
+    x, y = torch.randn(m, 5, generator=g).double(), torch.randn(n, 5, generator=g).double() + 1
     k = lambda a, b: torch.exp(-(torch.cdist(a, b) ** 2) / 200)
     kxx, kyy = k(x, x), k(y, y)
     expected = (
-        (kxx.sum() - kxx.trace()) / (30 * 29)
-        + (kyy.sum() - kyy.trace()) / (17 * 16)
+        (kxx.sum() - kxx.trace()) / (m * (m - 1))
+        + (kyy.sum() - kyy.trace()) / (n * (n - 1))
         - 2 * k(x, y).mean()
     )
     assert cmmd(x, y) == pytest.approx(1000 * expected.item(), rel=1e-9)
+
+
+def test_cmmd_does_not_depend_on_the_order_of_either_set():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(40, 6, generator=g)
+    y = x + 0.3 * torch.randn(40, 6, generator=g)  # y[i] close to x[i], as in paired evaluation
+    reference = cmmd(x, y)
+    assert cmmd(x, y.flip(0)) == pytest.approx(reference, rel=1e-9)
+    assert cmmd(x[torch.randperm(40, generator=g)], y) == pytest.approx(reference, rel=1e-9)
 
 
 def test_cmmd_grows_with_shift():
@@ -164,13 +177,6 @@ def test_inception_rejects_a_wrong_state_dict(tmp_path):
     save_file({"conv.weight": torch.zeros(3, 3)}, str(tmp_path / "bad.safetensors"))
     with pytest.raises(WeightsUnavailableError, match="not an FID InceptionV3"):
         InceptionFID.from_file(tmp_path / "bad.safetensors")
-
-
-def test_download_switch_is_the_text_encoders_one():
-    from greedygrow import text
-    from greedygrow.evaluate import distribution
-
-    assert distribution.ALLOW_DOWNLOAD_ENV == text.ALLOW_DOWNLOAD_ENV
 
 
 def test_missing_weights_give_a_clear_error(tmp_path, monkeypatch):

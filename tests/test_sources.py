@@ -290,6 +290,33 @@ def test_folder_min_native_keeps_exactly_the_large_enough_images(tmp_path):
         FolderDataset(tmp_path, 32, min_native=301)
 
 
+def test_folder_min_native_reads_the_original_size_of_upscaled_images(tmp_path):
+    # img2dataset-style sidecars: f was upscaled from 40 px, g stored smaller than its original
+    for name, original in {"f": (40, 30), "g": (900, 700), "h": None}.items():
+        (tmp_path / f"{name}.png").write_bytes(_encode(_halves(96, 80), "PNG"))
+        meta = {"caption": name}
+        if original:
+            meta.update(original_width=original[0], original_height=original[1])
+        (tmp_path / f"{name}.json").write_text(json.dumps(meta))
+    ds = FolderDataset(tmp_path, 32, min_native=64)
+    assert [it.key for it in ds.items] == ["g", "h"]
+    assert ds.skips.below_min_native == 1
+    assert json.loads(FolderDataset(tmp_path, 32)[0]["meta"])["native_size"] == [40, 30]
+
+
+def test_folder_metadata_with_a_byte_order_mark_or_not_utf8_is_read_or_counted(tmp_path):
+    (tmp_path / "a.png").write_bytes(_tiny(3))
+    (tmp_path / "metadata.csv").write_bytes("\ufefffile_name,caption\na.png,hello\n".encode())
+    assert [it.caption for it in FolderDataset(tmp_path, 8).items] == ["hello"]
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.png").write_bytes(_tiny(4))
+    (tmp_path / "sub" / "b.txt").write_text("from a sidecar")
+    (tmp_path / "sub" / "metadata.jsonl").write_bytes(b'{"file_name": "c.png", "text": "\xff"}\n')
+    ds = FolderDataset(tmp_path, 8)
+    assert sorted(it.caption for it in ds.items) == ["from a sidecar", "hello"]
+    assert ds.skips.counts == {"bad_caption": 1}
+
+
 def test_folder_reads_metadata_jsonl_and_csv_with_common_column_names(tmp_path):
     for name in ("x.png", "y.png", "z.png"):
         (tmp_path / "imgs" / name).parent.mkdir(exist_ok=True)

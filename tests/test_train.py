@@ -17,7 +17,15 @@ from safetensors.torch import load_file
 from greedygrow.checkpoint import CheckpointMismatch, list_states, load_core, state_path
 from greedygrow.cli import main
 from greedygrow.config import ConfigError
-from greedygrow.train import Env, Trainable, grow_config, train, train_core_config
+from greedygrow.data import WebDatasetStream, write_dataset
+from greedygrow.train import (
+    Env,
+    Trainable,
+    _truncate_metrics,
+    grow_config,
+    train,
+    train_core_config,
+)
 
 # A core small enough for a CPU step in milliseconds: 4×4 grid, 8 px shallow / 16 px grown.
 TINY = [
@@ -230,6 +238,48 @@ def test_truncated_latest_checkpoint_falls_back_with_a_warning(tmp_path, cache, 
     torch.load(state_path(run, 4), weights_only=True)  # rewritten whole
 
 
+def test_training_on_a_folder_skips_images_that_fail_to_decode(tmp_path, cache, caplog):
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, colour in enumerate(["red", "green", "blue"]):
+        Image.new("RGB", (24, 16), colour).save(data / f"good{i}.png")
+        (data / f"good{i}.txt").write_text(f"a {colour} picture")
+    noise = torch.randint(0, 256, (64, 64, 3), generator=torch.Generator().manual_seed(0))
+    Image.fromarray(noise.to(torch.uint8).numpy()).save(data / "bad.jpg", quality=95)
+    (data / "bad.jpg").write_bytes((data / "bad.jpg").read_bytes()[:900])  # valid header only
+    (data / "bad.txt").write_text("a truncated picture")
+    over = [*TINY, "data.source=folder", f"data.path={data}", "run.batch_size=1", cache]
+    with caplog.at_level(logging.WARNING):
+        run = train(train_core_config(None, [*over, "run.steps=8"]), tmp_path / "run")
+    assert [s for s, _ in _losses(run)] == list(range(1, 9))  # every step trained
+    assert all(torch.isfinite(torch.tensor(loss)) for _, loss in _losses(run))
+    assert "bad.jpg" in caplog.text  # the batch of only the truncated image was passed over
+
+
+def test_webdataset_run_resumes_without_replaying_the_stream(tmp_path, cache, monkeypatch):
+    write_dataset(tmp_path / "shards", 24, resolution=16, fmt="webdataset", shard_size=8)
+    over = [*TINY, "data.source=webdataset", f"data.path={tmp_path / 'shards'}", cache]
+    run = train(train_core_config(None, [*over, "run.steps=2"]), tmp_path / "run")
+    epochs, decoded = [], []
+    monkeypatch.setattr(WebDatasetStream, "set_epoch", lambda self, e: epochs.append(e))
+    decode = WebDatasetStream._decode
+    monkeypatch.setattr(
+        WebDatasetStream, "_decode", lambda self, *a: decoded.append(1) or decode(self, *a)
+    )
+    train(train_core_config(None, [*over, "run.steps=4"]), run)  # extend the run: resume at 2
+    assert [s for s, _ in _losses(run)] == [1, 2, 3, 4]
+    assert epochs == [2]  # a fresh stream seeded by the resume step ...
+    assert len(decoded) == 2 * 4  # ... not the 2 batches read before, replayed first
+
+
+def test_resume_drops_log_lines_past_the_checkpoint_and_a_half_written_one(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (1, 2, 3, 4)]
+    metrics.write_text("\n".join(lines) + '\n{"step": 5, "lo')  # killed mid-write
+    _truncate_metrics(metrics, 2)
+    assert metrics.read_text() == "\n".join(lines[:2]) + "\n"
+
+
 def test_bf16_and_gradient_checkpointing_train(tmp_path, cache):
     run = train(
         train_core_config(
@@ -268,6 +318,11 @@ def test_sample_command_writes_a_labelled_grid(core_run, tmp_path):
     assert e.value.code == 0
     img = Image.open(out)
     assert img.height > 2 * 96 and img.width >= 3 * 96  # two rows of three (upscaled) cells
+    guided = tmp_path / "guided.png"
+    args = ["sample", "--model", str(core_run), "--out", str(guided), "a red circle"]
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--steps", "2", "--guidance-interval", "-5", "5", "--bf16"])
+    assert e.value.code == 0 and Image.open(guided).height < img.height  # one row, not two
 
 
 def _resumable(steps: int, cache: str) -> list[str]:

@@ -255,6 +255,15 @@ def _add_sample(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per-prompt", type=int, default=4, help="images per prompt")
     p.add_argument("--resolution", type=int, default=None)
     p.add_argument("--raw", action="store_true", help="use raw weights instead of EMA")
+    p.add_argument(
+        "--guidance-interval",
+        type=float,
+        nargs=2,
+        metavar=("LO", "HI"),
+        default=None,
+        help="guide only at log-SNRs in [LO, HI] (default: every step)",
+    )
+    p.add_argument("--bf16", action="store_true", help="run the model under bf16 autocast")
 
 
 def _run_sample(args: argparse.Namespace) -> int:
@@ -274,6 +283,8 @@ def _run_sample(args: argparse.Namespace) -> int:
                 per_prompt=args.per_prompt,
                 resolution=args.resolution,
                 ema=not args.raw,
+                guidance_interval=args.guidance_interval,
+                bf16=args.bf16,
             )
         ),
     )

@@ -17,13 +17,12 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from greedygrow.diffusion import schedule_for
+from greedygrow.diffusion import SCHEDULE_KINDS as SCHEDULES
+from greedygrow.diffusion import WEIGHTINGS, schedule_for
 from greedygrow.model import CORE_PRESETS, SHELL_FAMILIES, CoreConfig, ShellConfig, shell_preset
 
 GROW_MODES = ("greedy", "unfreeze", "joint", "scratch")
 SOURCES = ("scenes", "folder", "webdataset")
-WEIGHTINGS = ("v_mse", "sigmoid", "min_snr")
-SCHEDULES = ("cosine", "shifted", "interpolated")
 
 DEFAULT_PROMPTS = [
     "a red circle",

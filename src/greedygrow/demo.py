@@ -20,7 +20,7 @@ PROMPTS = (
 )
 
 
-def _demo_settings(quick: bool) -> tuple[list[str], list[str], int]:
+def demo_overrides(quick: bool) -> tuple[list[str], list[str], int]:
     """(train-core overrides, grow overrides, grown resolution) of `greedygrow demo`.
 
     Sized by measurement on 2 idle cores: the cpu-mini core trains at 32 px at ~25 images/s
@@ -95,7 +95,7 @@ def demo(out: str | Path, quick: bool = False) -> dict[str, Path]:
     64 px, sample PROMPTS from both. Running it again resumes. Returns what it wrote."""
     out = Path(out)
     cache = f"data.text_cache_dir={out / 'text-cache'}"
-    core_over, grow_over, res = _demo_settings(quick)
+    core_over, grow_over, res = demo_overrides(quick)
     t0 = time.time()
     print(f"[demo] phase 1: training a Shallow-UViT core at 32 px -> {out / 'core'}")
     train(train_core_config(None, [*core_over, cache]), out / "core")

@@ -74,6 +74,32 @@ class Schedule:
             lam = t * lo + (1 - t) * hi
         return lam.to(out_dtype)
 
+    def dlogsnr_dt(self, t: Tensor | float) -> Tensor:
+        """dλ/dt (≤ 0) at t in [0, 1], analytic, float64; 0 where λ is clamped."""
+        t = torch.as_tensor(t).to(torch.float64)
+        d = self._cosine_slope(t)
+        if self.kind == "cosine":
+            return d
+        if self.kind == "shifted":
+            return self._shifted_slope(t, d, self.base_resolution)
+        # d/dt [t λ_lo + (1 − t) λ_hi] = λ_lo − λ_hi + t λ_lo' + (1 − t) λ_hi'  (product rule)
+        lo, hi = self._shifted(t, self.interp_lo), self._shifted(t, self.interp_hi)
+        d_lo = self._shifted_slope(t, d, self.interp_lo)
+        d_hi = self._shifted_slope(t, d, self.interp_hi)
+        return lo - hi + t * d_lo + (1 - t) * d_hi
+
+    def _cosine_slope(self, t: Tensor) -> Tensor:
+        # d/dt −2 log tan(u) = −2 (b − a) / (sin u cos u) = −4 (b − a) / sin 2u, u = a + t (b − a)
+        a = math.atan(math.exp(-0.5 * self.logsnr_max))
+        b = math.atan(math.exp(-0.5 * self.logsnr_min))
+        return -4.0 * (b - a) / torch.sin(2.0 * (a + t * (b - a)))
+
+    def _shifted_slope(self, t: Tensor, cosine_slope: Tensor, reference: int) -> Tensor:
+        # the shift is a constant: same slope as the cosine, 0 where the clamp holds
+        lam = self._cosine(t) + 2.0 * math.log(reference / self.resolution)
+        inside = (lam > self.logsnr_min) & (lam < self.logsnr_max)
+        return torch.where(inside, cosine_slope, torch.zeros_like(cosine_slope))
+
     def _cosine(self, t: Tensor) -> Tensor:
         # λ(t) = −2 log tan(a + t (b − a)), a = atan(e^{−λmax/2}), b = atan(e^{−λmin/2})
         # (DESIGN: Diffusion; Kingma et al. 2021 / simple diffusion)
@@ -191,8 +217,8 @@ def training_loss(
 ) -> Tensor:
     """Per-sample diffusion loss [B] for clean images x [B, ...]; `denoise(z, logsnr) -> v̂`.
 
-    weighting: "v_mse" (plain v-MSE), "sigmoid" (ε-MSE weighted by sigmoid(bias − λ), kw
-    `bias`, default SIGMOID_BIAS) or "min_snr" (kw `gamma`, default 5). t ~ U(0, 1) per
+    weighting: "v_mse" (plain v-MSE), "sigmoid" (ε-MSE weighted by sigmoid(bias − λ) per unit
+    of λ, kw `bias`, default SIGMOID_BIAS) or "min_snr" (kw `gamma`, default 5). t ~ U(0, 1) per
     sample, or stratified (`low_discrepancy`). Randomness comes from `generator` if given
     (drawn on its device, then moved to x's). Passing `t` [B] and/or `noise` (x's shape)
     uses them instead of drawing (e.g. per-sample seeds that survive a resume).
@@ -231,9 +257,11 @@ def training_loss(
     if weighting == "sigmoid":
         # ε̂ − ε = α (v̂ − v), since ε = σ z + α v  (Salimans & Ho 2022)
         eps_err = _per_sample(alpha_sigma(logsnr)[0], v_err) * v_err
-        # L = sigmoid(b − λ) ‖ε̂ − ε‖²  (Kingma & Gao 2023, sigmoid weighting)
+        # L = ½ w(λ) (−dλ/dt) ‖ε̂ − ε‖², w(λ) = sigmoid(b − λ)  (Kingma & Gao 2023, eq. 7);
+        # the −dλ/dt factor makes the weighting a density in λ, whatever the schedule
         bias = weighting_kw.get("bias", SIGMOID_BIAS)
-        return torch.sigmoid(bias - logsnr) * _mse(eps_err, multiscale)
+        slope = schedule.dlogsnr_dt(t).to(device=x.device, dtype=torch.float32)
+        return 0.5 * torch.sigmoid(bias - logsnr) * -slope * _mse(eps_err, multiscale)
     mse = _mse(v_err, multiscale)
     if weighting == "min_snr":
         # L = min(SNR, γ) ‖x̂ − x‖² = min(SNR, γ)/(SNR + 1) ‖v̂ − v‖²  (Hang et al. 2023, v-pred)

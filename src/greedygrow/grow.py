@@ -16,9 +16,8 @@ import types
 from torch import nn
 
 from greedygrow.checkpoint import CheckpointMismatch, check_state_dict, load_core, unwrap_model
+from greedygrow.config import GROW_MODES as MODES
 from greedygrow.model import CoreConfig, ShellConfig, UViT
-
-MODES = ("greedy", "unfreeze", "joint", "scratch")
 
 
 def validate_mode(mode: str, freeze_steps: int) -> None:

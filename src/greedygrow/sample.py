@@ -29,11 +29,14 @@ def sample_grid(
     guidance: float,
     seed: int,
     device: torch.device | str = "cpu",
+    guidance_interval: tuple[float, float] | None = None,
+    bf16: bool = False,
 ) -> Image.Image:
     """One row per prompt, `per_prompt` images (seeds seed..seed+per_prompt−1), labelled.
 
     All images are sampled as one batch; image j of every prompt uses seed + j, so a row
-    differs from another only by its prompt.
+    differs from another only by its prompt. `guidance_interval` (λ_lo, λ_hi) limits guidance
+    to those log-SNRs; `bf16` runs the model under bf16 autocast.
     """
     res = model.shell_config.resolution
     text = encoder.encode(list(prompts)).to(device).repeat_interleave(per_prompt)
@@ -46,8 +49,10 @@ def sample_grid(
         steps=steps,
         sampler=sampler,
         guidance=guidance,
+        guidance_interval=guidance_interval,
         seeds=[seed + i % per_prompt for i in range(n)],
         device=device,
+        autocast=bf16,
     )
     return labelled_grid(list(x.cpu().split(per_prompt)), prompts)
 
@@ -102,6 +107,8 @@ def sample_to_png(
     resolution: int | None = None,
     ema: bool = True,
     device: str = "auto",
+    guidance_interval: tuple[float, float] | None = None,
+    bf16: bool = False,
 ) -> Path:
     """Sample a labelled grid (one row per prompt) from an exported run; returns the PNG."""
     dev = torch.device(
@@ -127,6 +134,8 @@ def sample_to_png(
         meta["guidance"] if guidance is None else guidance,
         seed,
         dev,
+        guidance_interval,
+        bf16,
     )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -91,8 +91,6 @@ class TextEmbeddings:
             index = index.to(self.tokens.device)
         return TextEmbeddings(self.tokens[index], self.mask[index], self.pooled[index])
 
-    select = __getitem__
-
     @property
     def device(self) -> torch.device:
         return self.tokens.device
@@ -305,9 +303,7 @@ def load_text_encoder(
     elif spec.startswith("hf:") and spec[3:].strip():
         source = os.path.expanduser(spec[3:].strip())
         label = f"hf:{Path(source).name}" if os.path.isdir(source) else f"hf:{source}"
-        if allow_download is None:
-            allow_download = os.environ.get(ALLOW_DOWNLOAD_ENV, "").lower() in ("1", "true", "yes")
-        local_only = not allow_download
+        local_only = not (downloads_allowed() if allow_download is None else allow_download)
     else:
         raise ValueError(
             f"load_text_encoder: unknown encoder {spec!r}; use 'minilm' (the packaged "
@@ -321,9 +317,8 @@ def load_text_encoder(
             f"load_text_encoder: max_length={max_length} exceeds what {spec} supports "
             f"({limit} positions); use max_length <= {limit}"
         )
-    encoder_id = label + suffix
-    if spec != "minilm":  # hub names and folders can change under the same name
-        encoder_id += "#" + _fingerprint(model, tokenizer, head)[:12]
+    # weights can change under the same name (hub names, folders, a package upgrade)
+    encoder_id = label + suffix + "#" + _fingerprint(model, tokenizer, head)[:12]
     return TextEncoder(
         model.to(device=device, dtype=dtype),
         tokenizer,
@@ -340,6 +335,11 @@ def shared_text_encoder(spec: str, max_length: int, device: str) -> TextEncoder:
     """`load_text_encoder`, loaded once per process for each (spec, max_length, device): the
     encoder is frozen, so the demo's two phases and the runs of one report share it."""
     return load_text_encoder(spec, max_length, device)
+
+
+def downloads_allowed() -> bool:
+    """Whether GREEDYGROW_ALLOW_DOWNLOAD lets hub names be fetched (else local files only)."""
+    return os.environ.get(ALLOW_DOWNLOAD_ENV, "").lower() in ("1", "true", "yes")
 
 
 def _minilm_dir() -> str:

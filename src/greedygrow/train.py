@@ -15,6 +15,8 @@ RNG, reseeded per (seed, step, rank).)
 
 from __future__ import annotations
 
+import gc
+import itertools
 import json
 import logging
 import math
@@ -37,7 +39,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
-from greedygrow.checkpoint import export_model, load_latest_state, save_state
+from greedygrow.checkpoint import atomic_write_text, export_model, load_latest_state, save_state
 from greedygrow.config import (
     Config,
     ConfigError,
@@ -52,7 +54,7 @@ from greedygrow.config import (
     user_keys,
     validate,
 )
-from greedygrow.data import make_dataset
+from greedygrow.data import WebDatasetStream, make_dataset
 from greedygrow.diffusion import Schedule, schedule_for, training_loss
 from greedygrow.grow import core_is_frozen, grow, set_core_frozen
 from greedygrow.model import UViT
@@ -134,7 +136,7 @@ def _train(cfg: Config, run: Path, env: Env) -> Path:
                     {
                         "loss": mean_loss,
                         "lr": lr,
-                        "grad_norm": grad_norm,
+                        "grad_norm": float(grad_norm),
                         "images_per_s": pending_n * r.batch_size / busy,
                         "core_frozen": t.frozen,
                     },
@@ -157,6 +159,7 @@ def _train(cfg: Config, run: Path, env: Env) -> Path:
                     r.sample_guidance,
                     r.seed,
                     env.device,
+                    bf16=cfg.run.precision == "bf16",
                 )
                 logger.grid(step, grid)
     if logger is not None:
@@ -325,11 +328,18 @@ class Trainable:
         for group in _param_groups(self.model, self.cfg, core=True, shell=False):
             self.optimizer.add_param_group(group)
         self.frozen = False
-        self._wrap()  # DDP registers only the parameters that require grad at construction
+        # DDP registers only the parameters that require grad at construction: wrap anew, after
+        # the old wrapper (and its gradient hooks, and any graph compiled around it) is gone
+        self.forward = self.model
+        if self.cfg.model.compile:
+            torch._dynamo.reset()
+        gc.collect()
+        _barrier(self.env)
+        self._wrap()
 
     def step(
         self, batch: dict, encoder, schedule: Schedule, step: int, local_batch: int
-    ) -> tuple[Tensor, float]:
+    ) -> tuple[Tensor, Tensor]:
         """One optimizer step on this rank's share of the global batch; (loss, grad norm)."""
         cfg, env = self.cfg, self.env
         x = batch["image"].to(env.device, non_blocking=True)
@@ -361,10 +371,15 @@ class Trainable:
 
     @torch.no_grad()
     def update_ema(self, decay: float) -> None:
-        """ema ← ema + (1 − decay)(θ − ema); exact for a frozen θ (θ − ema = 0)."""
-        ema = [_local(p) for p in self.ema.parameters()]
-        cur = [_local(p) for p in self.model.parameters()]
-        torch._foreach_lerp_(ema, cur, 1.0 - decay)
+        """ema ← ema + (1 − decay)(θ − ema) for trained θ; a frozen core's EMA already equals it."""
+        pairs = [
+            (_local(e), _local(p))
+            for e, p in zip(self.ema.parameters(), self.model.parameters(), strict=True)
+            if p.requires_grad
+        ]
+        if pairs:
+            ema, cur = zip(*pairs, strict=True)
+            torch._foreach_lerp_(list(ema), list(cur), 1.0 - decay)
 
     def full_state(self) -> dict:
         """Full (unsharded) CPU state dicts of model, EMA and optimizer; collective."""
@@ -385,12 +400,15 @@ def _copy_model(model: UViT, core_cfg, shell_cfg) -> UViT:
 def _shard(model: UViT, bf16: bool) -> None:
     """FSDP2: one unit per core block, one for the rest. With bf16, parameters are gathered
     and used in bf16 (half the all-gather traffic) while the sharded master weights, the
-    optimizer and the gradient reduce-scatter stay fp32 (as torchtitan does)."""
+    optimizer and the gradient reduce-scatter stay fp32 (as torchtitan does). Inputs are not
+    cast: autocast (always on with bf16) picks each op's dtype, so the core's residual stream
+    stays fp32 as under DDP."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(
         param_dtype=torch.bfloat16 if bf16 else None,
         reduce_dtype=torch.float32 if bf16 else None,
+        cast_forward_inputs=False,
     )
     for block in model.core.blocks:
         fully_shard(block, mp_policy=mp)
@@ -454,13 +472,12 @@ def _ema_decay(cfg: Config, step: int) -> float:
     return min(d, (1 + step) / (10 + step)) if cfg.optim.ema_warmup else d
 
 
-def _clip(params: list[Tensor], max_norm: float) -> float:
+def _clip(params: list[Tensor], max_norm: float) -> Tensor:
+    """Clip to max_norm (0: no clipping); the total norm, left on the device (no sync)."""
     if not params:
-        return 0.0
+        return torch.zeros(())
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    if hasattr(norm, "full_tensor"):
-        norm = norm.full_tensor()
-    return float(norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 # ---------------------------------------------------------------------------------------------
@@ -495,12 +512,12 @@ class StepSampler(Sampler[list[int]]):
     index perm_e[p mod N], perm_e a permutation seeded by (seed, epoch e = p // N)."""
 
     def __init__(
-        self, n: int, global_batch: int, rank: int, world: int, seed: int, start: int, steps: int
+        self, n: int, global_batch: int, rank: int, world: int, seed: int, start: int
     ) -> None:
         self.n, self.b, self.seed = n, global_batch, seed
         self.local = global_batch // world
         self.offset = rank * self.local
-        self.start, self.steps = start, steps
+        self.start = start
         self._perm: tuple[int, Tensor] | None = None
 
     def _index(self, p: int) -> int:
@@ -511,12 +528,10 @@ class StepSampler(Sampler[list[int]]):
         return int(self._perm[1][p % self.n])
 
     def __iter__(self) -> Iterator[list[int]]:
-        for s in range(self.start, self.steps):
+        # endless: a batch that fails to decode entirely is passed over (`_skip_empty`)
+        for s in itertools.count(self.start):
             base = s * self.b + self.offset
             yield [self._index(base + j) for j in range(self.local)]
-
-    def __len__(self) -> int:
-        return self.steps - self.start
 
 
 def _batches(cfg: Config, env: Env, start: int, local_batch: int) -> Iterator[dict]:
@@ -536,18 +551,30 @@ def _batches(cfg: Config, env: Env, start: int, local_batch: int) -> Iterator[di
         "persistent_workers": d.workers > 0,
     }
     if isinstance(dataset, IterableDataset):
-        # Streams split themselves over ranks and workers; resuming re-reads `start` batches.
-        loader = DataLoader(dataset, batch_size=local_batch, **kw)
-        it = iter(loader)
+        # Streams split themselves over ranks and workers. The endless webdataset stream resumes
+        # as a fresh stream seeded by the step (resampled shards: nothing to replay); a scenes
+        # stream re-reads the `start` batches it had given, so it resumes exactly.
+        if isinstance(dataset, WebDatasetStream):
+            dataset.set_epoch(start)
+            return iter(DataLoader(dataset, batch_size=local_batch, **kw))
+        it = iter(DataLoader(dataset, batch_size=local_batch, **kw))
         for _ in range(start):
             next(it)
         return it
     if len(dataset) == 0:
         raise ConfigError(f"data set {d.source}:{d.path} is empty at min_native={d.min_native}")
     sampler = StepSampler(
-        len(dataset), cfg.run.batch_size, env.rank, env.world, cfg.run.seed, start, cfg.run.steps
+        len(dataset), cfg.run.batch_size, env.rank, env.world, cfg.run.seed, start
     )
-    return iter(DataLoader(dataset, batch_sampler=sampler, **kw))
+    collate = getattr(dataset, "collate_fn", None)  # drops images that fail to decode
+    return _skip_empty(iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, **kw)))
+
+
+def _skip_empty(batches: Iterator[dict | None]) -> Iterator[dict]:
+    """Pass over batches none of whose images decoded (the data set counts and warns)."""
+    for batch in batches:
+        if batch is not None:
+            yield batch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -587,7 +614,6 @@ def _checkpoint(
                 "step": step,
                 "config": to_dict(cfg),
                 **state,
-                "data": {"position": step * cfg.run.batch_size},
             },
             keep=cfg.run.keep,
         )
@@ -662,10 +688,14 @@ def _truncate_metrics(path: Path, start: int) -> None:
     """Drop log lines past `start` (written by an attempt that died before its checkpoint)."""
     if not path.is_file():
         return
-    keep = [
-        ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start
-    ]
-    path.write_text("".join(ln + "\n" for ln in keep))
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= start:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):  # a line half-written by a kill
+            continue
+    atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
 
 def _to_array(img: Image.Image):

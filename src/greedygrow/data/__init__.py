@@ -22,7 +22,6 @@ from greedygrow.data.sources import (
     WebDatasetStream,
     make_dataset,
     skip_none_collate,
-    webdataset_pipeline,
 )
 
 __all__ = [
@@ -43,6 +42,5 @@ __all__ = [
     "render_native",
     "sample_scene",
     "skip_none_collate",
-    "webdataset_pipeline",
     "write_dataset",
 ]

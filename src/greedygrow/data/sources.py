@@ -217,6 +217,7 @@ class FolderItem:
     key: str
     caption: str
     size: tuple[int, int]
+    original: tuple[int, int] | None = None  # from a sidecar .json (img2dataset's fields)
 
 
 def _metadata_captions(root: Path, counter: SkipCounter) -> dict[str, str | None]:
@@ -231,23 +232,32 @@ def _metadata_captions(root: Path, counter: SkipCounter) -> dict[str, str | None
             if name not in files:
                 continue
             meta_path = os.path.join(dirpath, name)
-            file_col = cap_col = ""
-            for line_no, row in _metadata_rows(meta_path, counter):
-                if not file_col:  # the first row (CSV: the header) names the columns
-                    file_col = _column(row, FILE_COLUMNS, meta_path)
-                    cap_col = _column(row, CAPTION_COLUMNS, meta_path)
-                rel = row.get(file_col)
-                if not isinstance(rel, str) or not rel:
-                    counter.skip("missing_image", f"{meta_path}:{line_no}", f"no {file_col}")
-                    continue
-                path = os.path.normpath(os.path.join(dirpath, rel))
-                value = row.get(cap_col)
-                captions.setdefault(path, value if isinstance(value, str) else None)
+            try:
+                _add_metadata_captions(captions, dirpath, meta_path, counter)
+            except UnicodeDecodeError as e:
+                counter.skip("bad_caption", meta_path, f"not UTF-8 text ({e}); re-save as UTF-8")
     return captions
 
 
+def _add_metadata_captions(
+    captions: dict[str, str | None], dirpath: str, meta_path: str, counter: SkipCounter
+) -> None:
+    file_col = cap_col = ""
+    for line_no, row in _metadata_rows(meta_path, counter):
+        if not file_col:  # the first row (CSV: the header) names the columns
+            file_col = _column(row, FILE_COLUMNS, meta_path)
+            cap_col = _column(row, CAPTION_COLUMNS, meta_path)
+        rel = row.get(file_col)
+        if not isinstance(rel, str) or not rel:
+            counter.skip("missing_image", f"{meta_path}:{line_no}", f"no {file_col}")
+            continue
+        path = os.path.normpath(os.path.join(dirpath, rel))
+        value = row.get(cap_col)
+        captions.setdefault(path, value if isinstance(value, str) else None)
+
+
 def _metadata_rows(meta_path: str, counter: SkipCounter) -> Iterator[tuple[int, dict[str, Any]]]:
-    with open(meta_path, encoding="utf-8", newline="") as f:
+    with open(meta_path, encoding="utf-8-sig", newline="") as f:  # -sig: Excel's byte-order mark
         if meta_path.endswith(".csv"):
             for i, row in enumerate(csv.DictReader(f), start=2):
                 yield i, {k.strip().lower(): v for k, v in row.items() if k is not None}
@@ -276,19 +286,21 @@ def _column(row: dict[str, Any], names: Sequence[str], meta_path: str) -> str:
     )
 
 
-def _probe(path: str) -> tuple[str, str, tuple[int, int]]:
-    """Header check of one image file: (skip reason or "", detail, stored size)."""
+def _probe(path: str) -> tuple[str, str, tuple[int, int], tuple[int, int] | None]:
+    """Header check of one image file and its sidecar .json:
+    (skip reason or "", detail, stored size, original size if the json records one)."""
+    original = _original_size(_read_optional(os.path.splitext(path)[0] + ".json"))
     try:
         if os.path.getsize(path) == 0:
-            return "empty_file", "", (0, 0)
+            return "empty_file", "", (0, 0), None
         with Image.open(path) as img:
-            return "", "", img.size
+            return "", "", img.size, original
     except UnidentifiedImageError:
-        return "not_an_image", "Pillow cannot identify the format", (0, 0)
+        return "not_an_image", "Pillow cannot identify the format", (0, 0), None
     except Image.DecompressionBombError as e:
-        return "too_large", str(e), (0, 0)
+        return "too_large", str(e), (0, 0), None
     except Exception as e:  # any failure to read a header is bad input, never a crash
-        return "corrupt_image", f"{type(e).__name__}: {e}", (0, 0)
+        return "corrupt_image", f"{type(e).__name__}: {e}", (0, 0), None
 
 
 def _sidecar_caption(path: str) -> tuple[str | None, str]:
@@ -301,7 +313,7 @@ def _read_optional(path: str) -> bytes | None:
     try:
         with open(path, "rb") as f:
             return f.read()
-    except FileNotFoundError:
+    except OSError:  # absent, unreadable or a directory: no sidecar
         return None
 
 
@@ -361,7 +373,7 @@ class FolderDataset(Dataset):
         with ThreadPoolExecutor(max(1, threads)) as pool:
             probes = list(pool.map(_probe, paths))
         items = []
-        for path, (reason, detail, size) in zip(paths, probes, strict=True):
+        for path, (reason, detail, size, original) in zip(paths, probes, strict=True):
             if reason:
                 self.skips.skip(reason, path, detail)
                 continue
@@ -375,11 +387,11 @@ class FolderDataset(Dataset):
             if cap_reason:
                 self.skips.skip(cap_reason, path)
                 continue
-            if min(size) < self.min_native:
+            if min(native_from(size, original)) < self.min_native:
                 self.skips.drop_small()
                 continue
             key = Path(os.path.relpath(path, self.root)).with_suffix("").as_posix()
-            items.append(FolderItem(path, key, caption, size))
+            items.append(FolderItem(path, key, caption, size, original))
         return items
 
     def __len__(self) -> int:
@@ -398,6 +410,7 @@ class FolderDataset(Dataset):
             self.skips.skip("corrupt_image", item.path, f"{type(e).__name__}: {e}")
             return None
         rel = os.path.relpath(item.path, self.root)
+        size = native_from(size, item.original)
         meta = _meta(source="folder", path=Path(rel).as_posix(), native_size=list(size))
         return {"image": image, "caption": item.caption, "key": item.key, "meta": meta}
 
@@ -607,10 +620,7 @@ class WebDatasetStream(IterableDataset):
             except Exception as e:  # decoding failures are bad input: count, warn, skip
                 self.skips.skip("corrupt_image", f"{where}.{ext}", f"{type(e).__name__}: {e}")
                 return None
-        if original is not None and min(original) < min(size):  # img2dataset upscaled it
-            size = (
-                original if (original[0] >= original[1]) == (size[0] >= size[1]) else original[::-1]
-            )
+        size = native_from(size, original)
         self.skips.keep()
         return {
             "image": image,
@@ -618,6 +628,14 @@ class WebDatasetStream(IterableDataset):
             "key": key,
             "meta": _meta(source="webdataset", shard=url, native_size=list(size)),
         }
+
+
+def native_from(size: tuple[int, int], original: tuple[int, int] | None) -> tuple[int, int]:
+    """Native size of an image stored at `size` (EXIF applied) whose source had `original`
+    pixels: the original when it is smaller (the image was upscaled), turned like `size`."""
+    if original is None or min(original) >= min(size):
+        return size
+    return original if (original[0] >= original[1]) == (size[0] >= size[1]) else original[::-1]
 
 
 def _original_size(json_data: bytes | None) -> tuple[int, int] | None:
@@ -706,17 +724,6 @@ class _StallGuard:
                     f"({self.counter.summary()}); see the warnings above"
                 )
             yield shard
-
-
-def webdataset_pipeline(
-    urls: str | os.PathLike | Sequence[str],
-    resolution: int,
-    train: bool = True,
-    min_native: int = 0,
-    **kwargs: Any,
-) -> WebDatasetStream:
-    """A `WebDatasetStream` over ``urls``; keyword arguments as in its constructor."""
-    return WebDatasetStream(urls, resolution, train, min_native, **kwargs)
 
 
 def make_dataset(

@@ -26,9 +26,7 @@ the outline ring against the interior).
 
 from __future__ import annotations
 
-import json
 import math
-from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -499,14 +497,17 @@ def score_questions(
 
 
 def score_image(
-    image: Image.Image | np.ndarray | torch.Tensor, truth: Scene | dict | str
+    image: Image.Image | np.ndarray | torch.Tensor,
+    truth: Scene | dict | str,
+    caption: str | None = None,
 ) -> PromptResult:
-    """Detect objects in `image` and score them against the prompt's ground truth."""
+    """Detect objects in `image` and score them against the prompt's ground truth; `caption`
+    (default: the scene's) is the prompt text the result is labelled with."""
     arr = to_array(image)
     scene = as_scene(truth)
     resolution = min(arr.shape[:2])
     return score_questions(
-        make_questions(scene, resolution), detect(arr), scene.caption, resolution
+        make_questions(scene, resolution), detect(arr), caption or scene.caption, resolution
     )
 
 
@@ -589,13 +590,3 @@ def scene_prompts(count: int, seed: int = EVAL_SEED) -> list[Scene]:
         else:
             scenes.append(sample_scene(seed, i))
     return scenes
-
-
-def scene_truth_json(scene: Scene) -> str:
-    """The ground truth as stored in metrics files (compact JSON)."""
-    return json.dumps(scene.to_dict(), separators=(",", ":"))
-
-
-def count_histogram(detections: Sequence[Detection]) -> dict[str, int]:
-    """How many objects of each colour + shape were detected (for reports)."""
-    return dict(Counter(f"{d.color} {d.shape}" for d in detections))

@@ -35,7 +35,8 @@ from safetensors.numpy import save_file as save_numpy_file
 from safetensors.torch import load_file as load_torch_file
 from torch import Tensor, nn
 
-ALLOW_DOWNLOAD_ENV = "GREEDYGROW_ALLOW_DOWNLOAD"  # the switch greedygrow.text reads too
+from greedygrow.text import ALLOW_DOWNLOAD_ENV, downloads_allowed
+
 INCEPTION_ENV = "GREEDYGROW_INCEPTION"
 INCEPTION_DEFAULT = Path.home() / ".cache" / "greedygrow" / "pt_inception-2015-12-05.safetensors"
 DINOV2_DEFAULT = "facebook/dinov2-large"
@@ -406,8 +407,7 @@ def load_extractor(
     naming what is missing and how to provide it.
     """
     if local_files_only is None:
-        allow = os.environ.get(ALLOW_DOWNLOAD_ENV, "").lower() in ("1", "true", "yes")
-        local_files_only = not allow
+        local_files_only = not downloads_allowed()
     if kind == "inception":
         path = spec or os.environ.get(INCEPTION_ENV) or str(INCEPTION_DEFAULT)
         return InceptionFID.from_file(path).to(device)
@@ -580,9 +580,9 @@ def mmd2(
 ) -> float:
     """Squared MMD with the Gaussian kernel k(a,b) = exp(−‖a−b‖²/(2σ²)), in float64.
 
-    unbiased=True is the U-statistic MMD²_u (Gretton et al. 2012; the CMMD paper's estimator):
-    within-set sums skip i = j and, when m = n, so does the cross sum (Gretton's Eq. 3, which
-    makes a set's distance to itself exactly 0; for m ≠ n the cross sum is complete, Eq. 5).
+    unbiased=True is the unbiased estimator of the CMMD paper (Gretton et al. 2012, Eq. 5):
+    within-set sums skip i = j, the cross sum is complete, so the value does not depend on how
+    the two sets are ordered; a set against itself gives −2 (1 − mean off-diagonal k) / m, not 0.
     unbiased=False is the V-statistic of the CMMD reference code; the two differ by O(1/m).
     """
     x = torch.as_tensor(np.asarray(x), dtype=torch.float64)
@@ -595,13 +595,9 @@ def mmd2(
     if not unbiased:
         # MMD²_b = Σ k(xi,xj)/m² + Σ k(yi,yj)/n² − 2 Σ k(xi,yj)/(mn)
         return kxx / (m * m) + kyy / (n * n) - 2.0 * kxy / (m * n)
-    within = (kxx - m) / (m * (m - 1)) + (kyy - n) / (n * (n - 1))  # k(x,x) = 1 on diagonals
-    if m == n:
-        # MMD²_u = Σ_{i≠j} [k(xi,xj) + k(yi,yj) − k(xi,yj) − k(xj,yi)] / (m(m−1))
-        paired = torch.exp(-gamma * ((x - y) ** 2).sum(1)).sum().item()
-        return within - 2.0 * (kxy - paired) / (m * (m - 1))
     # MMD²_u = Σ_{i≠j} k(xi,xj)/(m(m−1)) + Σ_{i≠j} k(yi,yj)/(n(n−1)) − 2 Σ k(xi,yj)/(mn)
-    return within - 2.0 * kxy / (m * n)
+    # (k(x,x) = 1 on the diagonals)
+    return (kxx - m) / (m * (m - 1)) + (kyy - n) / (n * (n - 1)) - 2.0 * kxy / (m * n)
 
 
 def cmmd(

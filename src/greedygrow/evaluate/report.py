@@ -14,6 +14,7 @@ training loss from RUN/metrics.jsonl. The output folder gets:
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import io
 import json
@@ -32,20 +33,18 @@ from torch import Tensor
 
 from greedygrow.checkpoint import atomic_write_text, load_model
 from greedygrow.data.scenes import Scene, make_scene, parse_caption, render
+from greedygrow.data.sources import IMAGE_EXTENSIONS
 from greedygrow.diffusion import Schedule
 from greedygrow.evaluate.alignment import (
     PromptResult,
-    detect,
-    make_questions,
     scene_prompts,
-    score_questions,
+    score_image,
     summarize,
 )
 from greedygrow.evaluate.distribution import Extractors, distribution_metrics
 from greedygrow.sampling import sample, uvit_denoiser
 from greedygrow.text import shared_text_encoder
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 THUMB = 128  # thumbnail side in the HTML report
 
 
@@ -219,11 +218,7 @@ def score_alignment(
         if scene is None:
             results.append(None)
             continue
-        arr = img.permute(1, 2, 0).numpy()
-        res = min(arr.shape[:2])
-        results.append(
-            score_questions(make_questions(scene, res), detect(arr), prompts.captions[p], res)
-        )
+        results.append(score_image(img.permute(1, 2, 0).numpy(), scene, prompts.captions[p]))
     scored = [r for r in results if r is not None]
     return results, (summarize(scored) if scored else None)
 
@@ -238,11 +233,14 @@ def folder_references(
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"--references {root}: not a folder of images")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower()[1:] in IMAGE_EXTENSIONS)
     if len(files) < 2:
         raise ValueError(f"--references {root}: found {len(files)} images; need at least 2")
-    fingerprint = sum(p.stat().st_size for p in files)
-    ref_id = f"folder:{root.resolve()}:{len(files)}:{fingerprint}@{resolution}"
+    h = hashlib.sha256()
+    for path in files:
+        stat = path.stat()
+        h.update(f"{path.relative_to(root)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    ref_id = f"folder:{root.resolve()}:{len(files)}:{h.hexdigest()[:16]}@{resolution}"
 
     def batches() -> Iterable[Tensor]:
         batch, bad = [], 0
@@ -250,7 +248,7 @@ def folder_references(
             try:
                 with Image.open(path) as img:
                     batch.append(prepare_image(img, resolution, train=False))
-            except OSError:
+            except Exception:  # any undecodable file is bad input: skipped and counted
                 bad += 1
                 continue
             if len(batch) == batch_size:
@@ -277,7 +275,8 @@ def scene_references(
             arr = np.stack([np.asarray(render(s, resolution)) for s in scenes[i : i + 64]])
             yield torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
-    return batches, f"{prompts.source}:truth@{resolution}"
+    truth = hashlib.sha256(json.dumps([s.to_dict() for s in scenes]).encode()).hexdigest()
+    return batches, f"{prompts.source}:truth:{truth[:16]}@{resolution}"
 
 
 def evaluate_run(

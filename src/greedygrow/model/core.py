@@ -248,7 +248,10 @@ class Core(nn.Module):
 
     def forward(self, x: Tensor, cond: Conditioning) -> Tensor:
         """Tokens [B, G·G, D] (row-major G×G raster) → tokens [B, G·G, D]."""
-        x = x + self.pos  # a float32 residual stream under autocast
+        # a float32 residual stream under autocast, also when FSDP2 hands over bf16 parameters
+        amp = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
+        dtype = torch.float32 if amp else self.pos.dtype
+        x = x.to(dtype) + self.pos.to(dtype)
         for block in self.blocks:
             x = block(x, cond.emb, cond.text, cond.text_mask)
         shift, scale = self.final_modulation(cond.emb)[:, None].chunk(2, dim=-1)
