@@ -162,6 +162,7 @@ def test_evaluate_compares_runs_with_distribution_metrics_and_prompt_file(tmp_pa
     images = decode_all(page, paths["report"].parent)
     assert len(images) == 3 + 2 * 3 * 2  # 2 runs × 3 prompts × 2 seeds, plus three plots
     assert "a-run" in " ".join(page.text) and "b-run" in " ".join(page.text)
+    assert "biased upwards at small N" in " ".join(page.text)  # 8 images per run, not 10k
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2  # cached once, reused
 
 

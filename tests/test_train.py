@@ -16,11 +16,13 @@ from safetensors.torch import load_file
 
 from greedygrow.checkpoint import CheckpointMismatch, list_states, load_core, state_path
 from greedygrow.cli import main
-from greedygrow.config import ConfigError
+from greedygrow.config import ConfigError, core_config, read_config, shell_config
 from greedygrow.data import WebDatasetStream, write_dataset
+from greedygrow.model import UViT
 from greedygrow.train import (
     Env,
     Trainable,
+    _param_groups,
     _truncate_metrics,
     grow_config,
     train,
@@ -163,6 +165,20 @@ def test_unfreeze_changes_core_only_after_freeze_steps(core_run, tmp_path, cache
     assert _logged(run, "core_frozen") == [True, True, False, False]
 
 
+def test_core_lr_multiplier_applies_only_to_a_phase_1_core_that_goes_on_training(core_run, cache):
+    def core_mults(cfg):
+        groups = _param_groups(UViT(core_config(cfg), shell_config(cfg)), cfg, core=True)
+        return {g["lr_mult"] for g in groups if g["name"] == "core"}
+
+    slow = ["optim.core_lr_multiplier=0.1", cache]
+    assert core_mults(train_core_config(None, [*TINY, *slow])) == {1.0}
+    for mode, expected in (("joint", 0.1), ("unfreeze", 0.1), ("scratch", 1.0)):
+        cfg = grow_config(
+            str(core_run), 16, mode, 1 if mode == "unfreeze" else None, None, [*GROW, *slow]
+        )
+        assert core_mults(cfg) == {expected}, mode
+
+
 def test_scratch_mode_does_not_load_the_core(core_run, tmp_path, cache):
     cfg = grow_config(str(core_run), 16, "scratch", None, None, [*GROW, "run.steps=1", cache])
     t = Trainable(cfg, Env(0, 1, torch.device("cpu")), 0, None)
@@ -221,6 +237,17 @@ def test_resume_refuses_a_different_config(core_run, cache):
             ),
             core_run,
         )
+
+
+def test_extending_an_unfreeze_run_keeps_its_unfreeze_step(core_run, tmp_path, cache, caplog):
+    cosine = ["optim.schedule=cosine"]
+    run, first = _grow(core_run, tmp_path / "u", "unfreeze", 4, cache, extra=cosine)
+    assert first.grow.freeze_steps == 1  # the default, 4 // 4
+    with caplog.at_level(logging.WARNING):
+        _grow(core_run, run, "unfreeze", 8, cache, extra=cosine)
+    assert read_config(run / "config.yaml").grow.freeze_steps == 1  # not 8 // 4
+    assert _logged(run, "core_frozen") == [True] + [False] * 7
+    assert "learning rate jumps" in caplog.text
 
 
 def test_truncated_latest_checkpoint_falls_back_with_a_warning(tmp_path, cache, caplog):

@@ -76,7 +76,7 @@ class OptimConfig:
     schedule: str = "constant"  # constant | cosine (to final_lr_fraction · lr)
     final_lr_fraction: float = 0.1
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
-    core_lr_multiplier: float = 1.0  # the core's lr = lr · this (when it is trained)
+    core_lr_multiplier: float = 1.0  # the phase-1 core's lr = lr · this (unfreeze, joint)
     ema_decay: float = 0.999
     ema_warmup: bool = True  # decay_n = min(decay, (1 + n) / (10 + n))
 

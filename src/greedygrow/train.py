@@ -422,8 +422,12 @@ def _local(p: Tensor) -> Tensor:
 def _param_groups(model: UViT, cfg: Config, core: bool, shell: bool = True) -> list[dict]:
     """AdamW groups: shell then core, each split into decayed (matrices) and not (the rest)."""
     core_ids = {id(p) for p in model.core.parameters()}
+    # the multiplier slows a phase-1 core that goes on training; a core being learned (phase 1,
+    # scratch) trains at the shell's rate
+    trained_on = cfg.phase == "grow" and cfg.grow.mode in ("unfreeze", "joint")
+    core_mult = cfg.optim.core_lr_multiplier if trained_on else 1.0
     groups = []
-    for name, wanted, mult in (("shell", shell, 1.0), ("core", core, cfg.optim.core_lr_multiplier)):
+    for name, wanted, mult in (("shell", shell, 1.0), ("core", core, core_mult)):
         if not wanted:
             continue
         params = [p for p in model.parameters() if (id(p) in core_ids) == (name == "core")]
@@ -582,16 +586,34 @@ def _skip_empty(batches: Iterator[dict | None]) -> Iterator[dict]:
 
 
 def _check_resume(cfg: Config, run: Path) -> None:
-    """Refuse to resume a run folder whose config differs in a key that matters."""
+    """Refuse to resume a run folder whose config differs in a key that matters. A new
+    `run.steps` keeps the run's unfreeze step (a default derived from the old length) and
+    warns when it stretches a cosine learning-rate schedule."""
     path = run / "config.yaml"
     if path.is_file():
-        diff = config_diff(read_config(path), cfg)
+        old = read_config(path)
+        if old.run.steps != cfg.run.steps:
+            _extend(old, cfg)
+        diff = config_diff(old, cfg)
         if diff:
             raise ConfigError(
                 f"{run} holds a run with another config; differing keys:\n  "
                 + "\n  ".join(diff)
                 + "\nUse another --out folder, or the same settings to resume it."
             )
+
+
+def _extend(old: Config, cfg: Config) -> None:
+    g = cfg.grow
+    if cfg.phase == "grow" and g.mode == "unfreeze" and g.freeze_steps == cfg.run.steps // 4:
+        g.freeze_steps = old.grow.freeze_steps  # the default follows the run as first written
+    if cfg.optim.schedule == "cosine":
+        log.warning(
+            "run.steps %d -> %d: the cosine learning-rate schedule is recomputed for the new "
+            "length, so the learning rate jumps at the resumed step",
+            old.run.steps,
+            cfg.run.steps,
+        )
 
 
 def _write_config(cfg: Config, run: Path, env: Env) -> None:

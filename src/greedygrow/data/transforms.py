@@ -35,7 +35,8 @@ def native_size(img: Image.Image) -> tuple[int, int]:
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """Convert any PIL mode to 8-bit RGB: alpha and palette transparency composited on white,
-    16/32-bit integer greyscale scaled to 8 bits (not clipped), CMYK/YCbCr/LAB converted."""
+    16-bit greyscale scaled to 8 bits (32-bit integer "I" is read as 16-bit, values above
+    65535 saturate), CMYK/YCbCr/LAB converted."""
     if img.mode == "RGB":
         return img
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):

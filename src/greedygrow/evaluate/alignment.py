@@ -243,7 +243,9 @@ def _label_pixels(img: np.ndarray, bg: np.ndarray, noise: float) -> _PixelMaps:
                 ct = np.clip(_dot(d, et) / np.maximum(_dot(et, et), 1e-6), 0.0, 1.0)
                 cov = np.where(better, ct, cov)
         dist = np.sqrt(_dot(d, d))
-        # a blend of B and one palette ink, up to noise (capped: noise is no licence)
+        # a blend of B and one palette ink, up to noise (capped: noise is no licence);
+        # residual < 0.08 + 0.35·dist + 3·min(noise, 0.05): ours, tuned on renders with noise
+        # and blur (docs/evaluation.md, "How far to trust it")
         explained = np.sqrt(best) < 0.08 + 0.35 * dist + 3 * min(noise, 0.05)
         lab = np.where(explained & (cov >= 0.5), lab, -1)
         label[idx], cover[idx] = lab, cov
@@ -339,6 +341,8 @@ def _attribute_features(
 
 
 def _classify_attribute(mean: float, std: float, coherence: float, ring: float) -> str:
+    # cut-offs are ours, set between the measured clusters of clean renders at 128–512 px
+    # (docs/evaluation.md lists them: plain sd 0, patterns sd ≥ 0.35, stripes coherence 1)
     if std >= 0.15:  # a resolved pattern of colour and tint
         return "striped" if coherence >= 0.5 else "dotted"
     if mean >= 0.6 and ring >= 0.3:

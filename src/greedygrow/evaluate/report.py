@@ -46,6 +46,7 @@ from greedygrow.sampling import sample, uvit_denoiser
 from greedygrow.text import shared_text_encoder
 
 THUMB = 128  # thumbnail side in the HTML report
+FD_MIN_IMAGES = 10_000  # below this, the report warns that FID / FD-DINOv2 are biased upwards
 
 
 @dataclass(frozen=True)
@@ -532,6 +533,15 @@ def render_html(evals: Sequence[RunEvaluation], prompts: PromptSet, max_prompts:
             "<p class='note'>Not computed:</p><ul class='note'>"
             + "".join(f"<li><b>{esc(k)}</b>: {esc(v)}</li>" for k, v in notes.items())
             + "</ul>"
+        )
+    few = sorted(
+        {e.settings["images"] for e in evals if {"fid", "fd_dinov2"} & set(e.distribution)}
+    )
+    if few and few[0] < FD_MIN_IMAGES:
+        parts.append(
+            f"<p class='note'>FID and FD-DINOv2 here come from {', '.join(map(str, few))} images "
+            "per run: Fréchet distances are biased upwards at small N, so compare runs only at "
+            f"equal N and quote numbers from ≥ {FD_MIN_IMAGES:,} images.</p>"
         )
     plots = _plots(evals)
     for key, title in [
