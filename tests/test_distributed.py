@@ -4,9 +4,11 @@ and a run resumes on another number of processes."""
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from subprocess import PIPE
 
 import pytest
 import torch
@@ -50,9 +52,18 @@ def _run(
         *extra,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
+    # a session of its own, so a hung run is killed with its torchrun workers
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=PIPE, stderr=PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"{' '.join(cmd[:6])} ... hung for 300 s:\n{stderr[-3000:]}")
+    assert proc.returncode == 0, stderr[-3000:]
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def _losses(run: Path) -> list[float]:
@@ -139,6 +150,16 @@ def test_resume_on_a_different_number_of_processes(single, fsdp, tmp_path):
     shutil.copytree(fsdp, run)  # the 2-process FSDP2 run's state at step 2 ...
     state_path(run, STEPS).unlink()
     done = _run(run, 1, text_cache)  # ... finished by one process
+    assert f"resuming {run} from step 2" in done.stderr
+    _assert_same_run(run, reference)
+
+
+def test_fsdp2_resumes_on_two_processes_like_an_uninterrupted_run(single, fsdp, tmp_path):
+    reference, text_cache = single
+    run = tmp_path / "resumed"
+    shutil.copytree(fsdp, run)
+    state_path(run, STEPS).unlink()  # as if killed after the step-2 checkpoint
+    done = _run(run, 2, text_cache, "run.parallel=fsdp")
     assert f"resuming {run} from step 2" in done.stderr
     _assert_same_run(run, reference)
 

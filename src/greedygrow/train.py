@@ -64,6 +64,8 @@ from greedygrow.text import CachedTextEncoder, shared_text_encoder
 log = logging.getLogger(__name__)
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+# rank 0 holds a full state dict, the others an empty one; each rank keeps its own shards
+FROM_RANK0 = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,16 +108,13 @@ def _train(cfg: Config, run: Path, env: Env) -> Path:
     )
     resumed = load_latest_state(run)
     step, state = resumed if resumed is not None else (0, None)
-    if env.main and state is not None:
+    if env.main and step:
         log.info("resuming %s from step %d", run, step)
     t = Trainable(cfg, env, step, state)  # a core that does not fit is refused here
     del state
     _write_config(cfg, run, env)
     batches = _batches(cfg, env, step, local_batch)
     logger = _Logger(cfg, run, env, step) if env.main else None
-    sampler_model = (
-        UViT(t.core_cfg, t.shell_cfg).to(env.device).eval() if env.main and r.sample_every else None
-    )
     pending_loss, pending_n, busy = torch.zeros((), device=env.device), 0, 0.0
     while step < r.steps:
         t.set_frozen(_core_frozen_at(cfg, step))
@@ -144,23 +143,22 @@ def _train(cfg: Config, run: Path, env: Env) -> Path:
             pending_loss, pending_n, busy = torch.zeros((), device=env.device), 0, 0.0
         if (r.checkpoint_every and step % r.checkpoint_every == 0) or step == r.steps:
             _checkpoint(cfg, run, env, t, step, schedule)
-        if r.sample_every and (step % r.sample_every == 0 or step == r.steps):
-            ema = t.full_ema()
-            if sampler_model is not None:
-                sampler_model.load_state_dict(ema)
-                grid = sample_grid(
-                    sampler_model,
-                    encoder,
-                    schedule,
-                    r.sample_prompts,
-                    r.sample_per_prompt,
-                    r.sample_steps,
-                    r.sample_sampler,
-                    r.sample_guidance,
-                    r.seed,
-                    env.device,
-                    bf16=cfg.run.precision == "bf16",
-                )
+        sample_now = r.sample_every and (step % r.sample_every == 0 or step == r.steps)
+        if sample_now and (env.main or t.fsdp):  # a sharded EMA samples on every rank
+            grid = sample_grid(
+                t.ema,
+                encoder,
+                schedule,
+                r.sample_prompts,
+                r.sample_per_prompt,
+                r.sample_steps,
+                r.sample_sampler,
+                r.sample_guidance,
+                r.seed,
+                env.device,
+                bf16=cfg.run.precision == "bf16",
+            )
+            if logger is not None:
                 logger.grid(step, grid)
     if logger is not None:
         logger.close()
@@ -275,25 +273,41 @@ class Trainable:
     """The model being trained, its EMA, its optimizer, and how it is wrapped (DDP/FSDP2)."""
 
     def __init__(self, cfg: Config, env: Env, step: int, state: dict | None) -> None:
+        """`state`: the full training state to resume from at `step` (None for a fresh run)."""
         self.cfg, self.env = cfg, env
         self.core_cfg, self.shell_cfg = core_config(cfg), shell_config(cfg)
+        self.fsdp = cfg.run.parallel == "fsdp" and env.world > 1
+        # Under FSDP2 only rank 0 materialises initial weights (on CPU); the other ranks, and
+        # every rank of a resumed run, build shapes on the meta device: no GPU holds the full model
+        real = not self.fsdp or (env.main and state is None)
         torch.manual_seed(cfg.run.seed)  # the same initialisation on every rank
-        if state is None and cfg.phase == "grow":
-            source = None if cfg.grow.mode == "scratch" else cfg.grow.core
-            model = grow(source, self.core_cfg, self.shell_cfg, cfg.grow.mode)
-        else:
-            model = UViT(self.core_cfg, self.shell_cfg)
-        model.to(env.device)
+        with torch.device("cpu" if real else "meta"):
+            if real and state is None and cfg.phase == "grow":
+                source = None if cfg.grow.mode == "scratch" else cfg.grow.core
+                model = grow(source, self.core_cfg, self.shell_cfg, cfg.grow.mode)
+            else:
+                model = UViT(self.core_cfg, self.shell_cfg)
         model.set_gradient_checkpointing(cfg.model.gradient_checkpointing)
-        self.ema = _copy_model(model, self.core_cfg, self.shell_cfg).requires_grad_(False).eval()
-        self.model = model.train()
         self.frozen = _core_frozen_at(cfg, step)
         if cfg.phase == "grow":
             set_core_frozen(model, self.frozen)
-        self.fsdp = cfg.run.parallel == "fsdp" and env.world > 1
+        self.model = model.train()
         if self.fsdp:
+            initial = model.state_dict() if real else {}
+            with torch.device("meta"):
+                self.ema = UViT(self.core_cfg, self.shell_cfg).requires_grad_(False).eval()
             _shard(self.model, bf16=cfg.run.precision == "bf16")
             _shard(self.ema, bf16=False)
+            self.model.to_empty(device=env.device)
+            self.ema.to_empty(device=env.device)
+            if state is None:
+                for target in (self.model, self.ema):  # (the loader rewrites the dict it gets)
+                    set_model_state_dict(target, dict(initial), options=FROM_RANK0)
+            del initial
+        else:
+            model.to(env.device)
+            self.ema = _copy_model(model, self.core_cfg, self.shell_cfg).requires_grad_(False)
+            self.ema.eval()
         self.optimizer = torch.optim.AdamW(
             _param_groups(model, cfg, core=not self.frozen),
             lr=cfg.optim.lr,
