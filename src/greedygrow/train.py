@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
-    set_state_dict,
+    set_optimizer_state_dict,
 )
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
@@ -106,8 +106,11 @@ def _train(cfg: Config, run: Path, env: Env) -> Path:
         shared_text_encoder(cfg.data.text_encoder, cfg.data.text_max_length, str(env.device)),
         cfg.data.text_cache_dir or run / "text-cache",
     )
-    resumed = load_latest_state(run)
+    fsdp = r.parallel == "fsdp" and env.world > 1
+    resumed = load_latest_state(run) if env.main or not fsdp else None  # FSDP2: rank 0 reads
     step, state = resumed if resumed is not None else (0, None)
+    if fsdp:
+        step = _broadcast_int(step)
     if env.main and step:
         log.info("resuming %s from step %d", run, step)
     t = Trainable(cfg, env, step, state)  # a core that does not fit is refused here
@@ -256,6 +259,13 @@ def _all_mean(x: Tensor, env: Env) -> float:
     return float(x)
 
 
+def _broadcast_int(value: int) -> int:
+    """Rank 0's `value` on every rank."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return int(box[0])
+
+
 def _barrier(env: Env) -> None:
     if env.world > 1:
         dist.barrier()
@@ -273,16 +283,17 @@ class Trainable:
     """The model being trained, its EMA, its optimizer, and how it is wrapped (DDP/FSDP2)."""
 
     def __init__(self, cfg: Config, env: Env, step: int, state: dict | None) -> None:
-        """`state`: the full training state to resume from at `step` (None for a fresh run)."""
+        """`state`: the full training state to resume from at `step` > 0. Under FSDP2 only rank
+        0 has it (the others pass None) and every rank receives its shards by broadcast."""
         self.cfg, self.env = cfg, env
         self.core_cfg, self.shell_cfg = core_config(cfg), shell_config(cfg)
         self.fsdp = cfg.run.parallel == "fsdp" and env.world > 1
         # Under FSDP2 only rank 0 materialises initial weights (on CPU); the other ranks, and
         # every rank of a resumed run, build shapes on the meta device: no GPU holds the full model
-        real = not self.fsdp or (env.main and state is None)
+        real = not self.fsdp or (env.main and step == 0)
         torch.manual_seed(cfg.run.seed)  # the same initialisation on every rank
         with torch.device("cpu" if real else "meta"):
-            if real and state is None and cfg.phase == "grow":
+            if real and step == 0 and cfg.phase == "grow":
                 source = None if cfg.grow.mode == "scratch" else cfg.grow.core
                 model = grow(source, self.core_cfg, self.shell_cfg, cfg.grow.mode)
             else:
@@ -300,7 +311,7 @@ class Trainable:
             _shard(self.ema, bf16=False)
             self.model.to_empty(device=env.device)
             self.ema.to_empty(device=env.device)
-            if state is None:
+            if step == 0:
                 for target in (self.model, self.ema):  # (the loader rewrites the dict it gets)
                     set_model_state_dict(target, dict(initial), options=FROM_RANK0)
             del initial
@@ -314,15 +325,14 @@ class Trainable:
             betas=tuple(cfg.optim.betas),
             weight_decay=cfg.optim.weight_decay,
         )
-        if state is not None:
-            set_state_dict(
-                self.model,
-                self.optimizer,
-                model_state_dict=state["model"],
-                optim_state_dict=state["optimizer"],
-                options=FULL,
+        if step > 0:
+            state = state or {"model": {}, "optimizer": {}, "ema": {}}  # FSDP2, rank > 0
+            options = FROM_RANK0 if self.fsdp else FULL
+            set_model_state_dict(self.model, state["model"], options=options)
+            set_optimizer_state_dict(
+                self.model, self.optimizer, state["optimizer"], options=options
             )
-            set_model_state_dict(self.ema, state["ema"], options=FULL)
+            set_model_state_dict(self.ema, state["ema"], options=options)
         self._wrap()
 
     def _wrap(self) -> None:
