@@ -37,6 +37,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=320, help="phase-2 steps per mode")
     parser.add_argument("--prompts", type=int, default=32, help="built-in scene prompts")
     parser.add_argument("--seeds", type=int, default=2, help="images per prompt")
+    parser.add_argument(
+        "--count",
+        type=int,
+        default=None,
+        help="phase-2 scenes drawn (data.count, before the high-resolution filter); small "
+        "values model a scarce high-resolution subset (default: the demo's)",
+    )
     args = parser.parse_args()
 
     out = Path(args.out)
@@ -46,6 +53,7 @@ def main() -> None:
         f"run.steps={args.steps}",
         "run.progress=false",
         f"data.text_cache_dir={out / 'text-cache'}",
+        *([f"data.count={args.count}"] if args.count else []),
     ]
     seconds = {}
     for mode in MODES:

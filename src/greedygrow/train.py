@@ -37,7 +37,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.utils.data import DataLoader, IterableDataset, Sampler
+from torch.utils.data import DataLoader, Sampler
 
 from greedygrow.checkpoint import atomic_write_text, export_model, load_latest_state, save_state
 from greedygrow.config import (
@@ -578,17 +578,11 @@ def _batches(cfg: Config, env: Env, start: int, local_batch: int) -> Iterator[di
         "pin_memory": env.device.type == "cuda",
         "persistent_workers": d.workers > 0,
     }
-    if isinstance(dataset, IterableDataset):
-        # Streams split themselves over ranks and workers. The endless webdataset stream resumes
-        # as a fresh stream seeded by the step (resampled shards: nothing to replay); a scenes
-        # stream re-reads the `start` batches it had given, so it resumes exactly.
-        if isinstance(dataset, WebDatasetStream):
-            dataset.set_epoch(start)
-            return iter(DataLoader(dataset, batch_size=local_batch, **kw))
-        it = iter(DataLoader(dataset, batch_size=local_batch, **kw))
-        for _ in range(start):
-            next(it)
-        return it
+    if isinstance(dataset, WebDatasetStream):
+        # The endless resampled stream splits itself over ranks and workers; a resumed run
+        # continues with a fresh stream seeded by the step (nothing to replay).
+        dataset.set_epoch(start)
+        return iter(DataLoader(dataset, batch_size=local_batch, **kw))
     if len(dataset) == 0:
         raise ConfigError(f"data set {d.source}:{d.path} is empty at min_native={d.min_native}")
     sampler = StepSampler(
