@@ -107,6 +107,14 @@ def test_fsdp2_two_processes_equal_one_with_the_same_global_batch(single, fsdp):
     assert len(list((fsdp / "tb").iterdir())) == 1
 
 
+def test_fsdp2_sample_grids_from_the_sharded_ema_leave_training_unchanged(single, tmp_path):
+    reference, text_cache = single
+    run = tmp_path / "sampling"
+    _run(run, 2, text_cache, "run.parallel=fsdp", "run.sample_every=1")
+    assert len(list((run / "samples").glob("*.png"))) == STEPS  # rank 0 writes every grid
+    _assert_same_run(run, reference)
+
+
 def test_fsdp2_bf16_computes_with_bf16_parameters_and_keeps_fp32_masters():
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -248,6 +249,9 @@ def test_extending_an_unfreeze_run_keeps_its_unfreeze_step(core_run, tmp_path, c
     assert read_config(run / "config.yaml").grow.freeze_steps == 1  # not 8 // 4
     assert _logged(run, "core_frozen") == [True] + [False] * 7
     assert "learning rate jumps" in caplog.text
+    _grow(core_run, run, "unfreeze", 8, cache, extra=cosine)  # the same command again: resumes
+    with pytest.raises(ConfigError, match=r"grow\.freeze_steps: 1 -> 3"):
+        _grow(core_run, run, "unfreeze", 8, cache, freeze=3, extra=cosine)  # an explicit change
 
 
 def test_truncated_latest_checkpoint_falls_back_with_a_warning(tmp_path, cache, caplog):
@@ -345,11 +349,23 @@ def test_sample_command_writes_a_labelled_grid(core_run, tmp_path):
     assert e.value.code == 0
     img = Image.open(out)
     assert img.height > 2 * 96 and img.width >= 3 * 96  # two rows of three (upscaled) cells
-    guided = tmp_path / "guided.png"
-    args = ["sample", "--model", str(core_run), "--out", str(guided), "a red circle"]
-    with pytest.raises(SystemExit) as e:
-        main([*args, "--steps", "2", "--guidance-interval", "-5", "5", "--bf16"])
-    assert e.value.code == 0 and Image.open(guided).height < img.height  # one row, not two
+
+
+def test_sample_flags_reach_the_sampler(core_run, tmp_path):
+    def grid(name: str, *flags: str) -> torch.Tensor:
+        out = tmp_path / f"{name}.png"
+        args = ["sample", "--model", str(core_run), "--out", str(out), "a red circle"]
+        with pytest.raises(SystemExit) as e:
+            main([*args, "--steps", "3", *flags])
+        assert e.value.code == 0
+        return torch.from_numpy(np.array(Image.open(out))).float()
+
+    unguided = grid("w1", "--guidance", "1")
+    never = grid("interval", "--guidance", "3", "--guidance-interval", "20", "30")  # λ > 15
+    assert torch.equal(never, unguided)  # guidance outside every step's λ is no guidance
+    assert not torch.equal(grid("w3", "--guidance", "3"), unguided)
+    bf16 = grid("bf16", "--guidance", "1", "--bf16")
+    assert not torch.equal(bf16, unguided) and (bf16 - unguided).abs().mean() < 8
 
 
 def _resumable(steps: int, cache: str) -> list[str]:

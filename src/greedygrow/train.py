@@ -161,6 +161,8 @@ def _train(cfg: Config, run: Path, env: Env) -> Path:
                 env.device,
                 bf16=cfg.run.precision == "bf16",
             )
+            if t.fsdp:
+                t.ema.reshard()  # FSDP2 keeps the root unsharded after a forward without backward
             if logger is not None:
                 logger.grid(step, grid)
     if logger is not None:
@@ -604,14 +606,20 @@ def _skip_empty(batches: Iterator[dict | None]) -> Iterator[dict]:
 
 
 def _check_resume(cfg: Config, run: Path) -> None:
-    """Refuse to resume a run folder whose config differs in a key that matters. A new
-    `run.steps` keeps the run's unfreeze step (a default derived from the old length) and
-    warns when it stretches a cosine learning-rate schedule."""
+    """Refuse to resume a run folder whose config differs in a key that matters. The run's
+    unfreeze step is kept when the new one is only the default (a quarter of `run.steps`, which
+    may have grown), and stretching a cosine learning-rate schedule is warned about."""
     path = run / "config.yaml"
     if path.is_file():
         old = read_config(path)
-        if old.run.steps != cfg.run.steps:
-            _extend(old, cfg)
+        _keep_unfreeze_step(old, cfg)
+        if old.run.steps != cfg.run.steps and cfg.optim.schedule == "cosine":
+            log.warning(
+                "run.steps %d -> %d: the cosine learning-rate schedule is recomputed for the new "
+                "length, so the learning rate jumps at the resumed step",
+                old.run.steps,
+                cfg.run.steps,
+            )
         diff = config_diff(old, cfg)
         if diff:
             raise ConfigError(
@@ -621,17 +629,16 @@ def _check_resume(cfg: Config, run: Path) -> None:
             )
 
 
-def _extend(old: Config, cfg: Config) -> None:
+def _keep_unfreeze_step(old: Config, cfg: Config) -> None:
     g = cfg.grow
-    if cfg.phase == "grow" and g.mode == "unfreeze" and g.freeze_steps == cfg.run.steps // 4:
-        g.freeze_steps = old.grow.freeze_steps  # the default follows the run as first written
-    if cfg.optim.schedule == "cosine":
-        log.warning(
-            "run.steps %d -> %d: the cosine learning-rate schedule is recomputed for the new "
-            "length, so the learning rate jumps at the resumed step",
-            old.run.steps,
-            cfg.run.steps,
+    default = g.mode == "unfreeze" and g.freeze_steps == cfg.run.steps // 4
+    if cfg.phase == "grow" and default and g.freeze_steps != old.grow.freeze_steps:
+        log.info(
+            "keeping grow.freeze_steps=%s of the run as first written (the default, a quarter "
+            "of run.steps, is fixed when a run starts)",
+            old.grow.freeze_steps,
         )
+        g.freeze_steps = old.grow.freeze_steps
 
 
 def _write_config(cfg: Config, run: Path, env: Env) -> None:

@@ -232,10 +232,14 @@ def _metadata_captions(root: Path, counter: SkipCounter) -> dict[str, str | None
             if name not in files:
                 continue
             meta_path = os.path.join(dirpath, name)
+            found: dict[str, str | None] = {}
             try:
-                _add_metadata_captions(captions, dirpath, meta_path, counter)
-            except UnicodeDecodeError as e:
+                _add_metadata_captions(found, dirpath, meta_path, counter)
+            except UnicodeDecodeError as e:  # the whole file, not the rows read before the error
                 counter.skip("bad_caption", meta_path, f"not UTF-8 text ({e}); re-save as UTF-8")
+                continue
+            for path, caption in found.items():
+                captions.setdefault(path, caption)
     return captions
 
 

@@ -580,7 +580,7 @@ def mmd2(
 ) -> float:
     """Squared MMD with the Gaussian kernel k(a,b) = exp(−‖a−b‖²/(2σ²)), in float64.
 
-    unbiased=True is the unbiased estimator of the CMMD paper (Gretton et al. 2012, Eq. 5):
+    unbiased=True is the unbiased estimator MMD²_u of the CMMD paper (Gretton et al. 2012):
     within-set sums skip i = j, the cross sum is complete, so the value does not depend on how
     the two sets are ordered; a set against itself gives −2 (1 − mean off-diagonal k) / m, not 0.
     unbiased=False is the V-statistic of the CMMD reference code; the two differ by O(1/m).
