@@ -300,15 +300,17 @@ class Trainable:
                 model = grow(source, self.core_cfg, self.shell_cfg, cfg.grow.mode)
             else:
                 model = UViT(self.core_cfg, self.shell_cfg)
+        initial = model.state_dict() if self.fsdp and real else {}  # what rank 0 broadcasts
+        if self.fsdp:  # every rank shards shapes alike; weights arrive by broadcast
+            with torch.device("meta"):
+                model = UViT(self.core_cfg, self.shell_cfg)
+                self.ema = UViT(self.core_cfg, self.shell_cfg).requires_grad_(False).eval()
         model.set_gradient_checkpointing(cfg.model.gradient_checkpointing)
         self.frozen = _core_frozen_at(cfg, step)
         if cfg.phase == "grow":
             set_core_frozen(model, self.frozen)
         self.model = model.train()
         if self.fsdp:
-            initial = model.state_dict() if real else {}
-            with torch.device("meta"):
-                self.ema = UViT(self.core_cfg, self.shell_cfg).requires_grad_(False).eval()
             _shard(self.model, bf16=cfg.run.precision == "bf16")
             _shard(self.ema, bf16=False)
             self.model.to_empty(device=env.device)
