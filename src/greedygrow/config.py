@@ -285,9 +285,14 @@ def resolve(cfg: Config) -> Config:
         # the paper's guidance weights: 1.75 for Shallow-UViT, 4.0 for grown UViTs
         cfg.run.sample_guidance = 1.75 if cfg.phase == "core" else 4.0
     if cfg.phase == "grow" and cfg.grow.freeze_steps is None:
-        # greedy: frozen for ever; unfreeze: the paper's 500k of 2M steps, a quarter of the run.
-        cfg.grow.freeze_steps = {"greedy": -1, "unfreeze": cfg.run.steps // 4}.get(cfg.grow.mode, 0)
+        cfg.grow.freeze_steps = default_freeze_steps(cfg.grow.mode, cfg.run.steps)
     return cfg
+
+
+def default_freeze_steps(mode: str, steps: int) -> int:
+    """grow.freeze_steps when not given: greedy -1 (frozen for ever); unfreeze a quarter of the
+    run (the paper's 500k of 2M steps); joint and scratch 0."""
+    return {"greedy": -1, "unfreeze": steps // 4}.get(mode, 0)
 
 
 def validate(cfg: Config) -> None:

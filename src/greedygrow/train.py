@@ -45,6 +45,7 @@ from greedygrow.config import (
     ConfigError,
     config_diff,
     core_config,
+    default_freeze_steps,
     load_config,
     read_config,
     resolve,
@@ -106,7 +107,7 @@ def _train(cfg: Config, run: Path, env: Env) -> Path:
         shared_text_encoder(cfg.data.text_encoder, cfg.data.text_max_length, str(env.device)),
         cfg.data.text_cache_dir or run / "text-cache",
     )
-    fsdp = r.parallel == "fsdp" and env.world > 1
+    fsdp = _uses_fsdp(cfg, env)
     resumed = load_latest_state(run) if env.main or not fsdp else None  # FSDP2: rank 0 reads
     step, state = resumed if resumed is not None else (0, None)
     if fsdp:
@@ -268,6 +269,10 @@ def _broadcast_int(value: int) -> int:
     return int(box[0])
 
 
+def _uses_fsdp(cfg: Config, env: Env) -> bool:
+    return cfg.run.parallel == "fsdp" and env.world > 1
+
+
 def _barrier(env: Env) -> None:
     if env.world > 1:
         dist.barrier()
@@ -289,7 +294,7 @@ class Trainable:
         0 has it (the others pass None) and every rank receives its shards by broadcast."""
         self.cfg, self.env = cfg, env
         self.core_cfg, self.shell_cfg = core_config(cfg), shell_config(cfg)
-        self.fsdp = cfg.run.parallel == "fsdp" and env.world > 1
+        self.fsdp = _uses_fsdp(cfg, env)
         # Under FSDP2 only rank 0 materialises initial weights (on CPU); the other ranks, and
         # every rank of a resumed run, build shapes on the meta device: no GPU holds the full model
         real = not self.fsdp or (env.main and step == 0)
@@ -633,7 +638,7 @@ def _check_resume(cfg: Config, run: Path) -> None:
 
 def _keep_unfreeze_step(old: Config, cfg: Config) -> None:
     g = cfg.grow
-    default = g.mode == "unfreeze" and g.freeze_steps == cfg.run.steps // 4
+    default = g.freeze_steps == default_freeze_steps(g.mode, cfg.run.steps)
     if cfg.phase == "grow" and default and g.freeze_steps != old.grow.freeze_steps:
         log.info(
             "keeping grow.freeze_steps=%s of the run as first written (the default, a quarter "

@@ -290,27 +290,19 @@ def _column(row: dict[str, Any], names: Sequence[str], meta_path: str) -> str:
     )
 
 
-def _probe(path: str) -> tuple[str, str, tuple[int, int], tuple[int, int] | None]:
-    """Header check of one image file and its sidecar .json:
-    (skip reason or "", detail, stored size, original size if the json records one)."""
-    original = _original_size(_read_optional(os.path.splitext(path)[0] + ".json"))
+def _probe(path: str) -> tuple[str, str, tuple[int, int]]:
+    """Header check of one image file: (skip reason or "", detail, stored size)."""
     try:
         if os.path.getsize(path) == 0:
-            return "empty_file", "", (0, 0), None
+            return "empty_file", "", (0, 0)
         with Image.open(path) as img:
-            return "", "", img.size, original
+            return "", "", img.size
     except UnidentifiedImageError:
-        return "not_an_image", "Pillow cannot identify the format", (0, 0), None
+        return "not_an_image", "Pillow cannot identify the format", (0, 0)
     except Image.DecompressionBombError as e:
-        return "too_large", str(e), (0, 0), None
+        return "too_large", str(e), (0, 0)
     except Exception as e:  # any failure to read a header is bad input, never a crash
-        return "corrupt_image", f"{type(e).__name__}: {e}", (0, 0), None
-
-
-def _sidecar_caption(path: str) -> tuple[str | None, str]:
-    stem = os.path.splitext(path)[0]
-    txt, js = _read_optional(stem + ".txt"), _read_optional(stem + ".json")
-    return _read_caption(txt, js)
+        return "corrupt_image", f"{type(e).__name__}: {e}", (0, 0)
 
 
 def _read_optional(path: str) -> bytes | None:
@@ -377,17 +369,20 @@ class FolderDataset(Dataset):
         with ThreadPoolExecutor(max(1, threads)) as pool:
             probes = list(pool.map(_probe, paths))
         items = []
-        for path, (reason, detail, size, original) in zip(paths, probes, strict=True):
+        for path, (reason, detail, size) in zip(paths, probes, strict=True):
             if reason:
                 self.skips.skip(reason, path, detail)
                 continue
+            stem = os.path.splitext(path)[0]
+            sidecar = _read_optional(stem + ".json")  # caption and/or img2dataset's sizes
+            original = _original_size(sidecar)
             if path in captions:
                 caption = captions[path]
                 cap_reason = "missing_caption" if caption is None else ""
                 caption = (caption or "").strip()
                 cap_reason = cap_reason or ("" if caption else "empty_caption")
             else:
-                caption, cap_reason = _sidecar_caption(path)
+                caption, cap_reason = _read_caption(_read_optional(stem + ".txt"), sidecar)
             if cap_reason:
                 self.skips.skip(cap_reason, path)
                 continue
