@@ -23,7 +23,15 @@ from test_model import inputs, randomise_zero_inits, tiny_uvit
 from test_train import GROW, TINY
 
 STEPS = 4
-PORT_RACE = ("Address already in use", "EADDRINUSE", "failed to listen on any local network")
+# Launch failures that are not our code's: a port taken between torchrun's choice and its use,
+# and an intermittent C++ abort in a gloo worker (about 1 launch in 75 here, cause unknown).
+# Such a launch is retried once, with a warning; a failure that repeats still fails the test.
+TRANSIENT = (
+    "Address already in use",
+    "EADDRINUSE",
+    "failed to listen on any local network",
+    "terminate called without an active exception",
+)
 
 
 def _run(
@@ -54,7 +62,14 @@ def _run(
         *extra,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    before = out.with_name(out.name + ".before")  # the run folder as given, for a retry
+    if out.exists():
+        shutil.copytree(out, before)
     for attempt in (1, 2):
+        if attempt == 2:
+            shutil.rmtree(out, ignore_errors=True)
+            if before.exists():
+                shutil.copytree(before, out)
         # a session of its own, so a hung run is killed with its torchrun workers
         proc = subprocess.Popen(
             cmd, env=env, stdout=PIPE, stderr=PIPE, text=True, start_new_session=True
@@ -65,10 +80,9 @@ def _run(
             os.killpg(proc.pid, signal.SIGKILL)
             stdout, stderr = proc.communicate()
             pytest.fail(f"{' '.join(cmd[:6])} ... hung for 300 s:\n{stderr[-3000:]}")
-        # a port taken between torchrun's choice and its use is the machine's, not ours: once more
-        if proc.returncode == 0 or attempt == 2 or not any(m in stderr for m in PORT_RACE):
+        if proc.returncode == 0 or attempt == 2 or not any(m in stderr for m in TRANSIENT):
             break
-        warnings.warn(f"torchrun lost its port, retrying:\n{stderr[-1000:]}", stacklevel=2)
+        warnings.warn(f"transient torchrun failure, retrying once:\n{stderr[-1000:]}", stacklevel=2)
     assert proc.returncode == 0, stderr[-3000:]
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
