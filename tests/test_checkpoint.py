@@ -13,10 +13,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from greedygrow.atomic import atomic_write, atomic_write_json
 from greedygrow.checkpoint import (
     CheckpointMismatch,
-    atomic_write,
-    atomic_write_json,
     check_state_dict,
     export_model,
     list_states,

@@ -17,10 +17,9 @@ import json
 import logging
 import os
 import re
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -28,6 +27,12 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
+from greedygrow.atomic import (
+    atomic_write,
+    atomic_write_bytes,
+    atomic_write_json,
+    remove_stale_temps,
+)
 from greedygrow.model import CoreConfig, ShellConfig, UViT
 
 log = logging.getLogger(__name__)
@@ -36,7 +41,6 @@ STATE_DIR = "state"
 META_KEY = "greedygrow"  # safetensors header key holding the JSON meta
 FORMAT_VERSION = 1
 _STATE_RE = re.compile(r"^step-(\d+)\.pt$")
-_TMP_PREFIX = ".tmp-"
 
 
 class CheckpointMismatch(ValueError):
@@ -53,86 +57,6 @@ class CheckpointMismatch(ValueError):
         self.missing = missing or []
         self.unexpected = unexpected or []
         self.mismatched = mismatched or []  # (name, checkpoint shape, module shape)
-
-
-# ---------------------------------------------------------------------------------------------
-# atomic writes
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename durable (POSIX); a no-op where directories cannot be opened (Windows)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        with contextlib.suppress(OSError):
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_FILE_MODE = 0o666 & ~_current_umask()  # what open() would give; mkstemp alone gives 0o600
-
-
-def atomic_write(path: str | os.PathLike, write_fn: Callable[[IO[bytes]], Any]) -> Path:
-    """Write ``path`` all-or-nothing: ``write_fn(f)`` fills a temp file beside it, then rename.
-
-    The temp file lives in the same directory (so ``os.replace`` is atomic), is fsynced before
-    the rename and removed if ``write_fn`` raises. Readers see the old file or the new one,
-    never a half-written one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{_TMP_PREFIX}{path.name}.")
-    try:
-        os.chmod(tmp, _FILE_MODE)
-        with os.fdopen(fd, "wb") as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Atomically write ``data`` to ``path``."""
-    return atomic_write(path, lambda f: f.write(data))
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Atomically write UTF-8 ``text`` to ``path``."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Atomically write ``obj`` as indented JSON; raises TypeError naming what is not JSON."""
-    try:
-        text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False)
-    except (TypeError, ValueError) as e:
-        raise TypeError(
-            f"cannot write {path} as JSON: {e}; pass plain str/int/float/bool/"
-            "list/dict values (e.g. config.to_dict())"
-        ) from e
-    return atomic_write_text(path, text + "\n")
-
-
-def _remove_stale_temps(directory: Path, name: str = "") -> None:
-    """Remove temp files (of ``name``, or all) left by a writer that was killed mid-write."""
-    for p in directory.glob(f"{_TMP_PREFIX}{name}*"):
-        with contextlib.suppress(FileNotFoundError):
-            p.unlink()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,7 +134,7 @@ def save_state(run_dir: str | os.PathLike, step: int, state: dict, keep: int = 3
     _check_loadable(state, "state")
     path = state_path(run_dir, step)
     atomic_write(path, lambda f: torch.save(state, f))
-    _remove_stale_temps(path.parent)
+    remove_stale_temps(path.parent)
     for _, old in list_states(run_dir)[:-keep]:
         with contextlib.suppress(FileNotFoundError):
             old.unlink()
@@ -325,7 +249,7 @@ def export_model(
     )
     atomic_write_json(run_dir / f"{name}.json", meta)
     for suffix in (".safetensors.", ".json."):
-        _remove_stale_temps(run_dir, name + suffix)
+        remove_stale_temps(run_dir, name + suffix)
     return weights
 
 

@@ -39,7 +39,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.utils.data import DataLoader, Sampler
 
-from greedygrow.checkpoint import atomic_write_text, export_model, load_latest_state, save_state
+from greedygrow.atomic import atomic_write_text
+from greedygrow.checkpoint import export_model, load_latest_state, save_state
 from greedygrow.config import (
     Config,
     ConfigError,

@@ -31,7 +31,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from greedygrow.checkpoint import atomic_write_text, load_model
+from greedygrow.atomic import atomic_write_text
+from greedygrow.checkpoint import load_model
 from greedygrow.data.scenes import Scene, make_scene, parse_caption, render
 from greedygrow.data.sources import IMAGE_EXTENSIONS
 from greedygrow.diffusion import Schedule
