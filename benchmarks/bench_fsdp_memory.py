@@ -26,7 +26,9 @@ def worker(core: str, run: Path, resume: bool) -> None:
     import torch
 
     from greedygrow.checkpoint import load_latest_state, save_state
-    from greedygrow.train import Trainable, init_distributed, train_core_config
+    from greedygrow.config import train_core_config
+    from greedygrow.distributed import init_distributed
+    from greedygrow.trainable import Trainable
 
     cfg = train_core_config(
         None,

@@ -19,7 +19,8 @@ from collections.abc import Callable
 import torch
 from torch.utils.data import DataLoader
 
-from greedygrow.data.scenes import ScenesDataset, ScenesStream, render_array, sample_scene
+from greedygrow.data.draw import render_array
+from greedygrow.data.scenes import ScenesDataset, ScenesStream, sample_scene
 
 
 def rate(fn: Callable[[int], object], seconds: float, min_calls: int = 3) -> tuple[float, float]:

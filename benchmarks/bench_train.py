@@ -4,8 +4,8 @@
 
 Measures, each in a fresh process (so peak memory is its own):
   * images/s of a full training step (data, cached text, forward, backward, AdamW, EMA) for
-    train-core (configs/core-cpu.yaml: cpu-small core, shallow shell, 32 px, batch 32) and
-    grow (configs/grow-cpu.yaml: greedy, grown cpu shell, 64 px, batch 16), with 1 and 2
+    train-core (preset core-cpu: cpu-small core, shallow shell, 32 px, batch 32) and
+    grow (preset grow-cpu: greedy, grown cpu shell, 64 px, batch 16), with 1 and 2
     processes (torchrun, gloo, DDP), fp32 and bf16;
   * peak memory of one greedy grown step at 512 px (cpu-small core, cpu shell family,
     batch 2) with and without gradient checkpointing (peak RSS on CPU; CUDA: peak allocated).
@@ -23,20 +23,16 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs"
-
 
 def _write_core(folder: Path, cache: str) -> None:
     """A phase-1 run folder with random weights: all `grow` needs (config.yaml + export)."""
     import torch
 
     from greedygrow.checkpoint import export_model
-    from greedygrow.config import core_config, save_config, shell_config
+    from greedygrow.config import core_config, save_config, shell_config, train_core_config
     from greedygrow.model import UViT
-    from greedygrow.train import train_core_config
 
-    cfg = train_core_config(CONFIGS / "core-cpu.yaml", [cache])
+    cfg = train_core_config("core-cpu", [cache])
     folder.mkdir(parents=True, exist_ok=True)
     save_config(cfg, folder / "config.yaml")
     torch.manual_seed(0)
@@ -48,17 +44,12 @@ def worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
 
+    from greedygrow.config import grow_config, train_core_config
     from greedygrow.diffusion import schedule_for
+    from greedygrow.distributed import init_distributed
     from greedygrow.text import CachedTextEncoder, load_text_encoder
-    from greedygrow.train import (
-        Trainable,
-        _batches,
-        _ema_decay,
-        _set_lr,
-        grow_config,
-        init_distributed,
-        train_core_config,
-    )
+    from greedygrow.train import _batches, _ema_decay, _loss, _set_lr
+    from greedygrow.trainable import Trainable
 
     over = [
         f"run.precision={args.precision}",
@@ -68,19 +59,16 @@ def worker(args: argparse.Namespace) -> None:
     if args.batch:
         over.append(f"run.batch_size={args.batch}")
     if args.phase == "core":
-        cfg = train_core_config(CONFIGS / "core-cpu.yaml", over)
+        cfg = train_core_config("core-cpu", over)
     else:
-        cfg = grow_config(
-            args.core, args.resolution, "greedy", None, CONFIGS / "grow-cpu.yaml", over
-        )
+        cfg = grow_config(args.core, args.resolution, "greedy", None, "grow-cpu", over)
     env = init_distributed(cfg.run.device)
-    local = cfg.run.batch_size // env.world
     encoder = CachedTextEncoder(
         load_text_encoder(cfg.data.text_encoder, cfg.data.text_max_length), args.cache
     )
     schedule = schedule_for(cfg.model.resolution, cfg.diffusion.schedule)
-    t = Trainable(cfg, env, 0, None)
-    batches = _batches(cfg, env, 0, local)
+    trainable = Trainable(cfg, env, 0, None)
+    batches = _batches(cfg, env, 0)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     total = 2 + args.steps
     for step in range(total):
@@ -88,10 +76,9 @@ def worker(args: argparse.Namespace) -> None:
             if env.world > 1:
                 dist.barrier()
             tic = time.perf_counter()
-        batch = next(batches)
-        _set_lr(t.optimizer, cfg, step)
-        t.step(batch, encoder, schedule, step, local)
-        t.update_ema(_ema_decay(cfg, step))
+        _set_lr(trainable.optimizer, cfg, step)
+        trainable.optimizer_step(_loss(trainable, next(batches), encoder, schedule, step))
+        trainable.update_ema(_ema_decay(cfg, step))
     elapsed = time.perf_counter() - tic
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if env.device.type == "cuda":

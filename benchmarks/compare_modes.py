@@ -2,8 +2,8 @@
 
 Grows one phase-1 core (a `greedygrow demo` core by default) to 64 px in each mode — greedy
 (core frozen for ever), unfreeze (frozen for half the steps, then trained), joint (phase-1
-core trained from step 0) and scratch (no phase-1 core) — with the demo's phase-2 settings
-and the same number of steps, then scores all of them and the core with
+core trained from step 0) and scratch (no phase-1 core) — with the demo's phase-2 preset
+(demo-grow) and the same number of steps, then scores all of them and the core with
 `greedygrow evaluate --compare` and prints a Markdown table.
 
     greedygrow demo --out demo                                   # makes demo/core
@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from greedygrow.demo import demo_overrides
+from greedygrow.demo import GROWN_RESOLUTION
 
 MODES = ("greedy", "unfreeze", "joint", "scratch")
 
@@ -47,9 +47,7 @@ def main() -> None:
     args = parser.parse_args()
 
     out = Path(args.out)
-    _, grow, resolution = demo_overrides(quick=False)
     overrides = [
-        *grow,
         f"run.steps={args.steps}",
         "run.progress=false",
         f"data.text_cache_dir={out / 'text-cache'}",
@@ -64,12 +62,14 @@ def main() -> None:
             "--core",
             args.core,
             "--resolution",
-            str(resolution),
+            str(GROWN_RESOLUTION),
             "--mode",
             mode,
             *flags,
             "--out",
             str(out / mode),
+            "--config",
+            "demo-grow",
             *overrides,
         )
         seconds[mode] = time.time() - tic

@@ -16,12 +16,12 @@ from torch import nn
 from greedygrow.atomic import atomic_write, atomic_write_json
 from greedygrow.checkpoint import (
     CheckpointMismatch,
-    check_state_dict,
     export_model,
     list_states,
     load_core,
     load_latest_state,
     load_model,
+    load_strict,
     read_meta,
     save_state,
     unwrap_model,
@@ -190,14 +190,14 @@ def test_save_state_rejects_bad_step(tmp_path, step):
         save_state(tmp_path, step, {})
 
 
-def test_check_state_dict_lists_every_difference():
+def test_load_strict_lists_every_difference():
     module = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
     state = module.state_dict()
     state["0.weight"] = torch.zeros(5, 4)
     del state["1.bias"]
     state["2.weight"] = torch.zeros(1)
     with pytest.raises(CheckpointMismatch) as info:
-        check_state_dict(module, state, what="ckpt.pt")
+        load_strict(module, state, what="ckpt.pt")
     msg = str(info.value)
     assert "ckpt.pt does not fit Sequential" in msg
     assert "missing:    1.bias [2]" in msg
@@ -209,9 +209,9 @@ def test_check_state_dict_lists_every_difference():
     assert isinstance(info.value, ValueError)
 
 
-def test_check_state_dict_accepts_exact_fit():
+def test_load_strict_accepts_exact_fit():
     module = nn.Linear(4, 3)
-    check_state_dict(module, module.state_dict())
+    load_strict(module, module.state_dict())
 
 
 # --------------------------------------------------------------------------- exported models

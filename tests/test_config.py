@@ -1,12 +1,12 @@
 """Typed configs: YAML presets load, bad keys and unreachable resolutions are refused early."""
 
-from pathlib import Path
-
 import pytest
 
 from greedygrow.config import (
+    PRESETS_DIR,
     Config,
     ConfigError,
+    GrowConfig,
     config_diff,
     load_config,
     read_config,
@@ -16,8 +16,6 @@ from greedygrow.config import (
     validate,
 )
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
 
 def _ready(overrides=(), config_file=None) -> Config:
     cfg = resolve(load_config(config_file, overrides))
@@ -25,12 +23,18 @@ def _ready(overrides=(), config_file=None) -> Config:
     return cfg
 
 
-@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(PRESETS_DIR.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_preset_loads_and_validates(path):
     cfg = load_config(path)
-    if path.name.startswith(("grow", "paper-grow")):
+    if "grow" in path.stem:
         cfg = load_config(path, ["grow.mode=greedy", "grow.core=runs/core"])
     validate(resolve(cfg))
+
+
+def test_presets_load_by_name_and_unknown_names_list_them():
+    assert load_config("demo-core") == load_config(PRESETS_DIR / "demo-core.yaml")
+    with pytest.raises(ConfigError, match=r"presets:.*core-cpu"):
+        load_config("no-such-preset")
 
 
 def test_defaults_are_a_valid_phase1_config():
@@ -145,3 +149,37 @@ def test_config_diff_names_the_keys_that_matter():
     assert any(d.startswith("optim.lr") for d in diff)
     assert any(d.startswith("model.core_overrides") for d in diff)
     assert not any(d.startswith("run.steps") for d in diff)  # extending a run is a resume
+
+
+@pytest.mark.parametrize(
+    ("mode", "freeze_steps", "frozen_at"),
+    [
+        ("greedy", -1, {0: True, 1: True, 10**9: True}),
+        ("unfreeze", 5, {0: True, 4: True, 5: False, 6: False}),
+        ("unfreeze", 0, {0: False, 1: False}),
+        ("joint", 0, {0: False, 7: False}),
+        ("scratch", 0, {0: False, 7: False}),
+        (None, None, {0: False}),
+    ],
+)
+def test_core_frozen_at_table(mode, freeze_steps, frozen_at):
+    grow = GrowConfig(mode=mode, core="x", freeze_steps=freeze_steps)
+    for step, frozen in frozen_at.items():
+        assert grow.core_frozen_at(step) is frozen, (mode, step)
+
+
+@pytest.mark.parametrize(
+    ("mode", "freeze_steps", "message"),
+    [
+        ("greedy", "100", "greedy keeps the core frozen for ever"),
+        ("unfreeze", "-1", "must be >= 0 for --mode unfreeze"),
+        ("joint", "100", "--mode joint trains the core from step 0"),
+        ("scratch", "5", "--mode scratch trains the core from step 0"),
+        ("frozen", "-1", "grow.mode must be one of"),
+        ("unfreeze", "2.5", r"grow\.freeze_steps"),
+    ],
+)
+def test_bad_mode_or_freeze_steps_is_refused(mode, freeze_steps, message):
+    over = [f"grow.mode={mode}", "grow.core=x", f"grow.freeze_steps={freeze_steps}"]
+    with pytest.raises(ConfigError, match=message):
+        _ready([*over, "model.resolution=64"])

@@ -139,12 +139,20 @@ def exact_v_denoiser(x, record=None, residual=None):
     return denoise
 
 
+def drawn(x: torch.Tensor, seed: int = 0) -> dict[str, torch.Tensor]:
+    """t ~ U(0, 1) per sample and Gaussian noise like x, from one seeded generator."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.rand(x.shape[0], generator=g, dtype=torch.float64)
+    return {"t": t, "noise": torch.randn(x.shape, generator=g, dtype=x.dtype)}
+
+
 @pytest.mark.parametrize("weighting", ["v_mse", "sigmoid", "min_snr"])
 def test_loss_is_zero_for_the_true_v(weighting):
     g = torch.Generator().manual_seed(2)
     x = torch.rand(8, 3, 16, 16, generator=g, dtype=torch.float64) * 2 - 1
     t = torch.tensor([0.0, 1e-4, 0.01, 0.3, 0.5, 0.7, 0.99, 1.0], dtype=torch.float64)
-    loss = training_loss(exact_v_denoiser(x), x, schedule_for(64), weighting, t=t, generator=g)
+    noise = torch.randn(x.shape, generator=g, dtype=x.dtype)
+    loss = training_loss(exact_v_denoiser(x), x, schedule_for(64), t, noise, weighting)
     assert loss.shape == (8,)
     assert loss.abs().max() < 1e-12
 
@@ -159,11 +167,10 @@ def test_weightings_follow_their_formulas():
             record.append((z, logsnr))
             return torch.zeros_like(z)
 
-        g = torch.Generator().manual_seed(3)
-        losses[w] = training_loss(zero, x, schedule_for(64), w, generator=g)
+        losses[w] = training_loss(zero, x, schedule_for(64), **drawn(x, seed=3), weighting=w)
         zs[w] = record[0]
     z, lam = zs["v_mse"]
-    torch.testing.assert_close(zs["sigmoid"][0], z)  # same generator → same t and noise
+    torch.testing.assert_close(zs["sigmoid"][0], z)  # same seed → same t and noise
     a, s = alpha_sigma(lam.double().view(-1, 1, 1, 1))
     eps = (z - a * x) / s
     v_mse = (a * eps - s * x).square().mean((1, 2, 3))  # v̂ = 0 → ‖v‖²
@@ -207,7 +214,7 @@ def test_sigmoid_weighting_is_one_density_in_logsnr_whatever_the_schedule(schedu
         a, _ = alpha_sigma(logsnr.double().view(-1, 1))
         return v_target(x, noise, logsnr.double()) + 1 / a
 
-    loss = training_loss(off_by_one_eps, x, schedule, "sigmoid", t=t, noise=noise)
+    loss = training_loss(off_by_one_eps, x, schedule, t, noise, "sigmoid")
     b = SIGMOID_BIAS
     ends = schedule.logsnr(torch.tensor([1.0, 0.0], dtype=torch.float64))
     expected = 0.5 * (F.softplus(b - ends[0]) - F.softplus(b - ends[1]))
@@ -218,59 +225,46 @@ def test_multiscale_loss_averages_pooled_residuals_down_to_32px():
     x = torch.rand(2, 3, 128, 128, dtype=torch.float64) * 2 - 1
     r = torch.randn(2, 3, 128, 128, dtype=torch.float64)
     r = r + 3 * F.interpolate(torch.randn(2, 3, 4, 4, dtype=torch.float64), scale_factor=32)
-    loss = training_loss(exact_v_denoiser(x, residual=r), x, schedule_for(128), multiscale=True)
+    loss = training_loss(
+        exact_v_denoiser(x, residual=r), x, schedule_for(128), **drawn(x), multiscale=True
+    )
     scales = [r, F.avg_pool2d(r, 2), F.avg_pool2d(r, 4)]  # 128, 64, 32 px
     expected = torch.stack([s.square().mean((1, 2, 3)) for s in scales]).mean(0)
     torch.testing.assert_close(loss, expected, rtol=1e-8, atol=0)
-    single = training_loss(exact_v_denoiser(x, residual=r), x, schedule_for(128))
+    single = training_loss(exact_v_denoiser(x, residual=r), x, schedule_for(128), **drawn(x))
     torch.testing.assert_close(single, r.square().mean((1, 2, 3)), rtol=1e-8, atol=0)
 
 
-def test_low_discrepancy_times_are_stratified():
-    x = torch.zeros(8, 3, 4, 4, dtype=torch.float64)
-    record = []
-    g = torch.Generator().manual_seed(1)
-    training_loss(exact_v_denoiser(x, record), x, Schedule(), generator=g, low_discrepancy=True)
-    lam = record[0][1].double()
-    a, b = math.atan(math.exp(-7.5)), math.atan(math.exp(7.5))
-    t = ((torch.atan(torch.exp(-lam / 2)) - a) / (b - a)).sort().values  # invert the cosine
-    torch.testing.assert_close(
-        t.diff(), torch.full((7,), 1 / 8, dtype=torch.float64), atol=1e-5, rtol=0
-    )
-
-
-def test_same_generator_seed_gives_same_loss_and_gradients_flow():
+def test_same_t_and_noise_give_same_loss_and_gradients_flow():
     net = torch.nn.Conv2d(3, 3, 3, padding=1)
     x = torch.rand(4, 3, 8, 8) * 2 - 1
     denoise = lambda z, logsnr: net(z)
-    l1 = training_loss(denoise, x, Schedule(), generator=torch.Generator().manual_seed(5))
-    l2 = training_loss(denoise, x, Schedule(), generator=torch.Generator().manual_seed(5))
-    l3 = training_loss(denoise, x, Schedule(), generator=torch.Generator().manual_seed(6))
+    l1 = training_loss(denoise, x, Schedule(), **drawn(x, seed=5))
+    l2 = training_loss(denoise, x, Schedule(), **drawn(x, seed=5))
+    l3 = training_loss(denoise, x, Schedule(), **drawn(x, seed=6))
     torch.testing.assert_close(l1, l2)
     assert not torch.allclose(l1, l3)
     l1.mean().backward()
     assert net.weight.grad is not None and net.weight.grad.abs().sum() > 0
 
 
-def test_given_t_and_noise_are_used_instead_of_drawn_ones():
+def test_given_t_and_noise_are_used():
     x = torch.rand(4, 3, 8, 8, dtype=torch.float64) * 2 - 1
     t = torch.tensor([0.0, 0.25, 0.5, 1.0], dtype=torch.float64)
     noise = torch.randn(4, 3, 8, 8, dtype=torch.float64)
     record = []
-    training_loss(exact_v_denoiser(x, record), x, schedule_for(64), t=t, noise=noise)
+    training_loss(exact_v_denoiser(x, record), x, schedule_for(64), t, noise)
     z, lam = record[0]
     torch.testing.assert_close(lam, schedule_for(64).logsnr(t).float())
     torch.testing.assert_close(z, add_noise(x, noise, lam))
     with pytest.raises(ValueError, match="noise"):
-        training_loss(exact_v_denoiser(x), x, schedule_for(64), noise=noise[:2])
+        training_loss(exact_v_denoiser(x), x, schedule_for(64), t, noise[:2])
 
 
 def test_training_loss_rejects_bad_weighting_and_options():
     x = torch.zeros(2, 3, 4, 4)
     denoise = lambda z, logsnr: z
     with pytest.raises(ValueError, match="weighting"):
-        training_loss(denoise, x, Schedule(), "l1")
-    with pytest.raises(ValueError, match="gamma"):
-        training_loss(denoise, x, Schedule(), "sigmoid", gamma=5.0)
+        training_loss(denoise, x, Schedule(), **drawn(x), weighting="l1")
     with pytest.raises(ValueError, match="shape"):
-        training_loss(lambda z, logsnr: z[:, :1], x, Schedule())
+        training_loss(lambda z, logsnr: z[:, :1], x, Schedule(), **drawn(x))

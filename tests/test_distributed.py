@@ -17,8 +17,8 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from greedygrow.checkpoint import state_path
+from greedygrow.distributed import shard
 from greedygrow.model.layers import Linear
-from greedygrow.train import _shard
 from test_model import inputs, randomise_zero_inits, tiny_uvit
 from test_train import GROW, TINY
 
@@ -141,7 +141,7 @@ def test_fsdp2_bf16_computes_with_bf16_parameters_and_keeps_fp32_masters():
     try:
         model = tiny_uvit("grown", 32)
         randomise_zero_inits(model)
-        _shard(model, bf16=True)
+        shard(model, bf16=True)
         used = []
         linear = next(m for m in model.core.blocks[0].modules() if isinstance(m, Linear))
         linear.register_forward_pre_hook(lambda m, _: used.append(m.weight.dtype))

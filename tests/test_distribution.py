@@ -1,4 +1,4 @@
-"""Distribution metrics: Fréchet distance, CMMD, CLIPScore and the feature-network plumbing."""
+"""Distribution metrics (Fréchet distance, CMMD, CLIPScore) and the feature networks."""
 
 import itertools
 
@@ -10,21 +10,23 @@ from safetensors.torch import save_file
 from torch import nn
 
 from greedygrow.evaluate.distribution import (
-    ClipFeatures,
-    DinoV2Features,
     Extractors,
-    FeatureExtractor,
     FeatureStats,
-    InceptionFID,
-    WeightsUnavailableError,
     clip_score,
     cmmd,
     distribution_metrics,
-    extract_features,
     fid_from_features,
     frechet_distance,
-    load_extractor,
     reference_stats,
+)
+from greedygrow.evaluate.features import (
+    ClipFeatures,
+    DinoV2Features,
+    FeatureExtractor,
+    InceptionFID,
+    WeightsUnavailableError,
+    extract_features,
+    load_extractor,
 )
 
 

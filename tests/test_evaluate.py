@@ -14,7 +14,8 @@ from greedygrow.checkpoint import export_model
 from greedygrow.cli import main
 from greedygrow.diffusion import schedule_for
 from greedygrow.evaluate.distribution import Extractors
-from greedygrow.evaluate.report import Settings, evaluate, read_prompts, unique_names
+from greedygrow.evaluate.report import Settings, evaluate, unique_names
+from greedygrow.evaluate.runs import read_prompts
 from greedygrow.model import UViT, core_preset, shell_preset
 
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from greedygrow.checkpoint import CheckpointMismatch, export_model
-from greedygrow.grow import MODES, core_frozen, core_is_frozen, grow, set_core_frozen, validate_mode
+from greedygrow.config import GROW_MODES
+from greedygrow.grow import freeze_core, grow, unfreeze_core
 from greedygrow.model import CoreConfig, ShellConfig, UViT
 
 
@@ -145,54 +146,14 @@ def test_grow_from_missing_run_says_what_to_do(tmp_path):
         grow(tmp_path / "empty", None, GROWN, "greedy")
 
 
-@pytest.mark.parametrize(
-    ("mode", "freeze_steps", "frozen_at"),
-    [
-        ("greedy", -1, {0: True, 1: True, 10**9: True}),
-        ("unfreeze", 5, {0: True, 4: True, 5: False, 6: False}),
-        ("unfreeze", 0, {0: False, 1: False}),
-        ("joint", -1, {0: False, 7: False}),
-        ("joint", 0, {0: False}),
-        ("scratch", -1, {0: False, 7: False}),
-    ],
-)
-def test_core_is_frozen_table(mode, freeze_steps, frozen_at):
-    for step, frozen in frozen_at.items():
-        assert core_is_frozen(step, mode, freeze_steps) is frozen, (mode, step)
-
-
-@pytest.mark.parametrize(
-    ("mode", "freeze_steps", "message"),
-    [
-        ("greedy", 100, "mode greedy keeps the core frozen for ever"),
-        ("unfreeze", -1, "mode unfreeze needs freeze_steps >= 0"),
-        ("joint", 100, "mode joint never freezes the core"),
-        ("scratch", 5, "mode scratch never freezes the core"),
-        ("frozen", -1, "unknown grow mode 'frozen'"),
-        ("unfreeze", 2.5, "freeze_steps must be an int"),
-    ],
-)
-def test_bad_mode_or_freeze_steps_is_refused(mode, freeze_steps, message):
-    with pytest.raises(ValueError, match=message):
-        validate_mode(mode, freeze_steps)
-    with pytest.raises(ValueError, match=message):
-        core_is_frozen(0, mode, freeze_steps)
-
-
-def test_core_is_frozen_rejects_negative_step():
-    with pytest.raises(ValueError, match="step must be >= 0"):
-        core_is_frozen(-1, "greedy", -1)
-
-
 def test_modes_are_the_papers_four():
-    assert set(MODES) == {"greedy", "unfreeze", "joint", "scratch"}
+    assert set(GROW_MODES) == {"greedy", "unfreeze", "joint", "scratch"}
 
 
 def test_frozen_core_has_no_grad_params_and_stays_in_eval(phase1):
     run, _ = phase1
     model = grow(run, None, GROWN, "greedy")
-    set_core_frozen(model, True)
-    assert core_frozen(model)
+    freeze_core(model)
     assert not any(p.requires_grad for p in model.core.parameters())
     assert all(p.requires_grad for p in model.shell.parameters())
     model.train()
@@ -210,7 +171,7 @@ def test_frozen_core_passes_gradients_to_the_encoder_and_stays_bit_identical(pha
     run, core_model = phase1
     model = grow(run, None, GROWN, "greedy")
     _perturb_shell(model)
-    set_core_frozen(model, True)
+    freeze_core(model)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.1)
@@ -229,10 +190,9 @@ def test_unfreezing_restores_grads_and_train_mode(phase1):
     run, core_model = phase1
     model = grow(run, None, GROWN, "unfreeze")
     _perturb_shell(model)
-    set_core_frozen(model, True)
+    freeze_core(model)
     model.train()
-    set_core_frozen(model, False)
-    assert not core_frozen(model)
+    unfreeze_core(model)
     assert model.core.training
     assert all(p.requires_grad for p in model.core.parameters())
     model.eval()

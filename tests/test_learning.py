@@ -33,11 +33,15 @@ def run_overfit():
     mask = torch.ones(b, 8, dtype=torch.bool)
     mask[::2, 5:] = False
     schedule = schedule_for(16)
+    t, noise = (
+        torch.rand(b, generator=g, dtype=torch.float64),
+        torch.randn(images.shape, generator=g),
+    )
 
     def loss() -> torch.Tensor:
         # the same seed every step: the same t and noise, so the batch is fully fixed
         denoise = lambda z, logsnr: model(z, logsnr, tokens, mask, pooled)
-        return training_loss(denoise, images, schedule, generator=torch.Generator().manual_seed(1))
+        return training_loss(denoise, images, schedule, t, noise)
 
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
     start = time.perf_counter()

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from greedygrow.cli import main as cli_main
+from greedygrow.data.draw import render_array
 from greedygrow.data.scenes import (
     ATTRIBUTES,
     BACKGROUNDS,
@@ -29,7 +30,6 @@ from greedygrow.data.scenes import (
     native_resolutions,
     parse_caption,
     render,
-    render_array,
     render_native,
     sample_scene,
     shard_indices,

@@ -24,7 +24,7 @@ from greedygrow.data import (
     make_dataset,
     skip_none_collate,
 )
-from greedygrow.data.sources import plan_shards
+from greedygrow.data.shards import plan_shards
 from greedygrow.data.transforms import crop_box, prepare_image, to_rgb
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)

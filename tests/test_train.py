@@ -17,18 +17,20 @@ from safetensors.torch import load_file
 
 from greedygrow.checkpoint import CheckpointMismatch, list_states, load_core, state_path
 from greedygrow.cli import main
-from greedygrow.config import ConfigError, core_config, read_config, shell_config
-from greedygrow.data import WebDatasetStream, write_dataset
-from greedygrow.model import UViT
-from greedygrow.train import (
-    Env,
-    Trainable,
-    _param_groups,
-    _truncate_metrics,
+from greedygrow.config import (
+    ConfigError,
+    core_config,
     grow_config,
-    train,
+    read_config,
+    shell_config,
     train_core_config,
 )
+from greedygrow.data import WebDatasetStream, write_dataset
+from greedygrow.distributed import Env
+from greedygrow.model import UViT
+from greedygrow.run_folder import truncate_metrics
+from greedygrow.train import train
+from greedygrow.trainable import Trainable, param_groups
 
 # A core small enough for a CPU step in milliseconds: 4×4 grid, 8 px shallow / 16 px grown.
 TINY = [
@@ -168,7 +170,7 @@ def test_unfreeze_changes_core_only_after_freeze_steps(core_run, tmp_path, cache
 
 def test_core_lr_multiplier_applies_only_to_a_phase_1_core_that_goes_on_training(core_run, cache):
     def core_mults(cfg):
-        groups = _param_groups(UViT(core_config(cfg), shell_config(cfg)), cfg, core=True)
+        groups = param_groups(UViT(core_config(cfg), shell_config(cfg)), cfg, core=True)
         return {g["lr_mult"] for g in groups if g["name"] == "core"}
 
     slow = ["optim.core_lr_multiplier=0.1", cache]
@@ -307,7 +309,7 @@ def test_resume_drops_log_lines_past_the_checkpoint_and_a_half_written_one(tmp_p
     metrics = tmp_path / "metrics.jsonl"
     lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (1, 2, 3, 4)]
     metrics.write_text("\n".join(lines) + '\n{"step": 5, "lo')  # killed mid-write
-    _truncate_metrics(metrics, 2)
+    truncate_metrics(metrics, 2)
     assert metrics.read_text() == "\n".join(lines[:2]) + "\n"
 
 

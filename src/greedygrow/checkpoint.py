@@ -1,6 +1,6 @@
 """Run folders: atomic writes, training states (resume), safetensors export and strict loading.
 
-Layout of a run folder (see CONTRACTS.md)::
+Layout of a run folder (docs/training.md, The run folder)::
 
     RUN/state/step-XXXXXXXX.pt      training states, the last K kept (torch.save, weights_only)
     RUN/model.safetensors + .json   exported EMA weights + meta (core/shell config, ...)
@@ -308,14 +308,15 @@ def _config_from_meta(meta: dict, key: str, cls: type, where: Path) -> Any:
         raise ValueError(f"{where}: invalid {key} config {meta[key]!r}: {e}") from e
 
 
-def check_state_dict(
-    module: nn.Module, state: Mapping[str, Tensor], what: str = "checkpoint"
-) -> None:
-    """Raise CheckpointMismatch unless ``state`` has exactly ``module``'s tensor names and shapes.
-
-    The message lists every missing, unexpected and shape-mismatched tensor by name (with
-    both shapes) and what to do about it.
-    """
+def load_strict(module: nn.Module, state: Mapping[str, Tensor], what: str = "checkpoint") -> None:
+    """``module.load_state_dict(state, strict=True)``; a mismatch raises CheckpointMismatch
+    listing every missing, unexpected and shape-mismatched tensor by name (with both shapes)
+    and what to do. On a mismatch ``module`` may be left partly loaded: build a fresh one."""
+    try:
+        module.load_state_dict(state, strict=True)
+        return
+    except RuntimeError:
+        pass
     expected = module.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -324,23 +325,16 @@ def check_state_dict(
         for k in expected
         if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
     ]
-    if not (missing or unexpected or mismatched):
-        return
     lines = [
         f"{what} does not fit {type(module).__name__}: {len(missing)} missing, "
-        f"{len(unexpected)} unexpected, {len(mismatched)} shape-mismatched tensors"
+        f"{len(unexpected)} unexpected, {len(mismatched)} shape-mismatched tensors",
+        *(f"  missing:    {k} {list(expected[k].shape)}" for k in missing),
+        *(f"  unexpected: {k} {list(state[k].shape)}" for k in unexpected),
+        *(f"  shape:      {k} checkpoint {list(a)} vs model {list(b)}" for k, a, b in mismatched),
+        "It was written for another configuration: build the model from the checkpoint's own "
+        "config (its model.json), or use a checkpoint trained with this configuration.",
     ]
-    lines += [f"  missing:    {k} {list(expected[k].shape)}" for k in missing]
-    lines += [f"  unexpected: {k} {list(state[k].shape)}" for k in unexpected]
-    lines += [
-        f"  shape:      {k} checkpoint {list(a)} vs model {list(b)}" for k, a, b in mismatched
-    ]
-    lines.append(
-        "It was written for another configuration: build the model from the "
-        "checkpoint's own config (its model.json), or use a checkpoint trained with "
-        "this configuration."
-    )
-    raise CheckpointMismatch("\n".join(lines), missing, unexpected, mismatched)
+    raise CheckpointMismatch("\n".join(lines), missing, unexpected, mismatched) from None
 
 
 def load_model(
@@ -355,9 +349,7 @@ def load_model(
     core = _config_from_meta(meta, "core", CoreConfig, weights)
     shell = _config_from_meta(meta, "shell", ShellConfig, weights)
     model = UViT(core, shell)
-    state = load_file(weights, device="cpu")
-    check_state_dict(model, state, what=str(weights))
-    model.load_state_dict(state, strict=True)
+    load_strict(model, load_file(weights, device="cpu"), what=str(weights))
     return model.to(device).eval(), meta
 
 

@@ -1,23 +1,28 @@
 """The command line: the only module that parses arguments.
 
 Each command has an `_add_<name>` function that declares its arguments and a `_run_<name>`
-function that imports what it needs lazily (so `greedygrow info` starts fast) and does the
-work. Keep each command's pair together; add a command by adding a pair and a line in
-`COMMANDS`.
+function that imports what it needs lazily and does the work. Keep each command's pair
+together; add a command by adding a pair and a line in `COMMANDS`. `main` is the one error
+boundary: a bad config, input or checkpoint is a message on stderr and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Callable
+
+from greedygrow.config import GROW_MODES
+from greedygrow.model import SHELL_FAMILIES
+from greedygrow.sampling import SAMPLERS
 
 
 def _add_info(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.add_argument(
         "--family",
-        choices=["cpu", "paper"],
+        choices=sorted(SHELL_FAMILIES),
         default=None,
         help="only the presets of this family (default: all)",
     )
@@ -136,7 +141,7 @@ def _run_encode_text(args: argparse.Namespace) -> int:
     source, _, rest = spec.partition(":")
     if source == "scenes":
         if not rest.isdigit() or int(rest) < 1:
-            raise SystemExit(f"encode-text: --data {spec!r}: scenes need a count: scenes:10000")
+            raise ValueError(f"--data {spec!r}: scenes need a count, e.g. scenes:10000")
         dataset = make_dataset("scenes", None, 32, train=False, seed=args.seed, count=int(rest))
         # captions only: scene i's caption needs no rendering
         captions = (sample_scene(dataset.seed, int(i)).caption for i in dataset.indices)
@@ -148,8 +153,8 @@ def _run_encode_text(args: argparse.Namespace) -> int:
             tars = glob.glob(os.path.join(path, "*.tar")) if os.path.isdir(path) else []
             source = "webdataset" if tars or ".tar" in path else "folder"
             if source == "folder" and not os.path.isdir(path):
-                raise SystemExit(
-                    f"encode-text: --data {spec!r} is neither scenes:COUNT, a folder, nor "
+                raise ValueError(
+                    f"--data {spec!r} is neither scenes:COUNT, a folder, nor "
                     "webdataset shards (a .tar pattern such as data/{00000..00009}.tar)"
                 )
         dataset = make_dataset(source, path, 32, train=False, seed=args.seed)
@@ -192,17 +197,17 @@ def _add_train_core(p: argparse.ArgumentParser) -> None:
 
 
 def _run_train_core(args: argparse.Namespace) -> int:
-    from greedygrow.train import train, train_core_config
+    from greedygrow.config import train_core_config
+    from greedygrow.train import train
 
-    return _refusing(
-        "train-core", lambda: train(train_core_config(args.config, args.overrides), args.out)
-    )
+    train(train_core_config(args.config, args.overrides), args.out)
+    return 0
 
 
 def _add_grow(p: argparse.ArgumentParser) -> None:
     p.add_argument("--core", required=True, help="phase-1 run folder holding the core")
     p.add_argument("--resolution", type=int, required=True)
-    p.add_argument("--mode", choices=["greedy", "unfreeze", "joint", "scratch"], default="greedy")
+    p.add_argument("--mode", choices=GROW_MODES, default="greedy")
     p.add_argument("--freeze-steps", type=int, default=None)
     p.add_argument("--out", required=True, help="run folder (resumed if it exists)")
     p.add_argument("--config", default=None, help="YAML config file")
@@ -210,37 +215,13 @@ def _add_grow(p: argparse.ArgumentParser) -> None:
 
 
 def _run_grow(args: argparse.Namespace) -> int:
-    from greedygrow.train import grow_config, train
+    from greedygrow.config import grow_config
+    from greedygrow.train import train
 
-    return _refusing(
-        "grow",
-        lambda: train(
-            grow_config(
-                args.core,
-                args.resolution,
-                args.mode,
-                args.freeze_steps,
-                args.config,
-                args.overrides,
-            ),
-            args.out,
-        ),
+    cfg = grow_config(
+        args.core, args.resolution, args.mode, args.freeze_steps, args.config, args.overrides
     )
-
-
-def _refusing(command: str, work: Callable[[], object]) -> int:
-    """Run `work`; a bad config or a core that does not fit → message on stderr, status 2."""
-    import logging
-
-    from greedygrow.checkpoint import CheckpointMismatch
-    from greedygrow.config import ConfigError
-
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        work()
-    except (ConfigError, CheckpointMismatch, FileNotFoundError) as e:
-        print(f"greedygrow {command}: error: {e}", file=sys.stderr)
-        return 2
+    train(cfg, args.out)
     return 0
 
 
@@ -249,7 +230,7 @@ def _add_sample(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output PNG grid")
     p.add_argument("prompts", nargs="+")
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--sampler", choices=["ddim", "ancestral", "dpmpp2m"], default="dpmpp2m")
+    p.add_argument("--sampler", choices=SAMPLERS, default="dpmpp2m")
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--per-prompt", type=int, default=4, help="images per prompt")
@@ -269,25 +250,22 @@ def _add_sample(p: argparse.ArgumentParser) -> None:
 def _run_sample(args: argparse.Namespace) -> int:
     from greedygrow.sample import sample_to_png
 
-    return _refusing(
-        "sample",
-        lambda: print(
-            sample_to_png(
-                args.model,
-                args.out,
-                args.prompts,
-                steps=args.steps,
-                sampler=args.sampler,
-                guidance=args.guidance,
-                seed=args.seed,
-                per_prompt=args.per_prompt,
-                resolution=args.resolution,
-                ema=not args.raw,
-                guidance_interval=args.guidance_interval,
-                bf16=args.bf16,
-            )
-        ),
+    path = sample_to_png(
+        args.model,
+        args.out,
+        args.prompts,
+        steps=args.steps,
+        sampler=args.sampler,
+        guidance=args.guidance,
+        seed=args.seed,
+        per_prompt=args.per_prompt,
+        resolution=args.resolution,
+        ema=not args.raw,
+        guidance_interval=args.guidance_interval,
+        bf16=args.bf16,
     )
+    print(path)
+    return 0
 
 
 def _add_evaluate(p: argparse.ArgumentParser) -> None:
@@ -307,7 +285,7 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
         help="folder of reference images for FID/FD-DINOv2/CMMD (default for scene "
         "prompts: their ground-truth renders)",
     )
-    p.add_argument("--sampler", choices=["ddim", "ancestral", "dpmpp2m"], default="dpmpp2m")
+    p.add_argument("--sampler", choices=SAMPLERS, default="dpmpp2m")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=None, help="default: the run's own")
     p.add_argument(
@@ -340,43 +318,35 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    import torch
-
-    from greedygrow.checkpoint import CheckpointMismatch
+    from greedygrow.distributed import resolve_device
     from greedygrow.evaluate.distribution import Extractors
     from greedygrow.evaluate.report import Settings, evaluate
 
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        extractors = None
-        if not args.no_distribution:
-            extractors = Extractors.load(args.inception, args.dino, args.clip, device=device)
-        settings = Settings(
-            sampler=args.sampler,
-            steps=args.steps,
-            guidance=args.guidance,
-            seeds=tuple(args.seeds),
-            resolution=args.resolution,
-            batch_size=args.batch_size,
-            device=device,
-            ema=not args.raw,
-        )
-        paths = evaluate(
-            args.model,
-            args.out,
-            args.compare,
-            args.prompts,
-            args.count,
-            args.references,
-            settings,
-            extractors,
-            args.stats_cache,
-        )
-    except (CheckpointMismatch, FileNotFoundError, ValueError) as e:
-        print(f"greedygrow evaluate: error: {e}", file=sys.stderr)
-        return 2
+    device = str(resolve_device(args.device))
+    extractors = None
+    if not args.no_distribution:
+        extractors = Extractors.load(args.inception, args.dino, args.clip, device=device)
+    settings = Settings(
+        sampler=args.sampler,
+        steps=args.steps,
+        guidance=args.guidance,
+        seeds=tuple(args.seeds),
+        resolution=args.resolution,
+        batch_size=args.batch_size,
+        device=device,
+        ema=not args.raw,
+    )
+    paths = evaluate(
+        args.model,
+        args.out,
+        args.compare,
+        args.prompts,
+        args.count,
+        args.references,
+        settings,
+        extractors,
+        args.stats_cache,
+    )
     for name, path in paths.items():
         print(f"{name:8s} {path}")
     return 0
@@ -390,7 +360,8 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
 def _run_demo(args: argparse.Namespace) -> int:
     from greedygrow.demo import demo
 
-    return _refusing("demo", lambda: demo(args.out, quick=args.quick))
+    demo(args.out, quick=args.quick)
+    return 0
 
 
 COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
@@ -415,6 +386,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Parse `argv` and run the chosen command; exit with its status."""
+    """Parse `argv` and run the chosen command; exit with its status. A bad config, input or
+    checkpoint (ValueError, among them ConfigError and CheckpointMismatch) or a missing file is
+    reported on stderr with exit status 2."""
     args = build_parser().parse_args(argv)
-    sys.exit(COMMANDS[args.command][1](args) or 0)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        status = COMMANDS[args.command][1](args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"greedygrow {args.command}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(status)

@@ -1,10 +1,12 @@
-"""Typed training configuration: dataclasses, YAML presets in configs/, key=value overrides.
+"""Typed training configuration: dataclasses, YAML presets, key=value overrides, phase configs.
 
 A run's configuration is `Config` (sections model, data, diffusion, optim, run, grow). It is
-built from the dataclass defaults, then a YAML file, then `key=value` overrides (OmegaConf
-structured configs in struct mode, so an unknown key is refused), then `resolve` fills every
-"auto" value (None) from the phase and resolution, and `validate` refuses anything that cannot
-train — all before any work starts. The resolved config is what RUN/config.yaml holds.
+built from the dataclass defaults, then a YAML file (a path, or the name of a preset shipped in
+greedygrow/configs/), then `key=value` overrides (OmegaConf structured configs in struct mode,
+so an unknown key is refused), then `resolve` fills every "auto" value (None) from the phase
+and resolution, and `validate` refuses anything that cannot train — all before any work
+starts. The resolved config is what RUN/config.yaml holds. Fields marked `resumable` may change
+when a run is resumed (they do not change what is learned).
 """
 
 from __future__ import annotations
@@ -17,12 +19,22 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from greedygrow.diffusion import SCHEDULE_KINDS as SCHEDULES
-from greedygrow.diffusion import WEIGHTINGS, schedule_for
+from greedygrow.atomic import atomic_write_text
+from greedygrow.diffusion import (
+    MIN_SNR_GAMMA,
+    SCHEDULE_KINDS,
+    SIGMOID_BIAS,
+    WEIGHTINGS,
+    schedule_for,
+)
+from greedygrow.fields import checked_fields
 from greedygrow.model import CORE_PRESETS, SHELL_FAMILIES, CoreConfig, ShellConfig, shell_preset
+from greedygrow.sampling import SAMPLERS
 
+PRESETS_DIR = Path(__file__).parent / "configs"
 GROW_MODES = ("greedy", "unfreeze", "joint", "scratch")
 SOURCES = ("scenes", "folder", "webdataset")
+DEVICES = ("auto", "cpu", "cuda")
 
 DEFAULT_PROMPTS = [
     "a red circle",
@@ -36,6 +48,14 @@ class ConfigError(ValueError):
     """A configuration that cannot be used: says which key, what is wrong and what to do."""
 
 
+RESUMABLE = {"resumable": True}
+
+
+def resumable(default: Any) -> Any:
+    """A field that may change when a run is resumed."""
+    return field(default=default, metadata=RESUMABLE)
+
+
 @dataclass
 class ModelConfig:
     core: str = "cpu-small"  # a name in greedygrow.model.CORE_PRESETS
@@ -43,8 +63,8 @@ class ModelConfig:
     shell_family: str = "cpu"  # SHELL_FAMILIES name: shallow shell in phase 1, grown in phase 2
     shell_overrides: dict[str, Any] = field(default_factory=dict)  # ShellConfig fields
     resolution: int = 32  # training resolution R (the data is resized to it)
-    gradient_checkpointing: bool = False
-    compile: bool = False  # torch.compile the model
+    gradient_checkpointing: bool = resumable(False)
+    compile: bool = resumable(False)  # torch.compile the model
 
 
 @dataclass
@@ -54,10 +74,10 @@ class DataConfig:
     count: int = 100_000  # scenes only: size of the fixed set (before the min_native filter)
     min_native: int | None = None  # keep images with native side >= this; None: 0 / R (grow)
     caption_dropout: float = 0.1  # fraction of captions replaced by the null text
-    workers: int = 0  # DataLoader worker processes per rank
+    workers: int = resumable(0)  # DataLoader worker processes per rank
     text_encoder: str = "minilm"  # minilm | hf:<name-or-path>
     text_max_length: int = 32
-    text_cache_dir: str | None = None  # None: RUN/text-cache
+    text_cache_dir: str | None = resumable(None)  # None: RUN/text-cache
 
 
 @dataclass
@@ -65,6 +85,8 @@ class DiffusionConfig:
     schedule: str | None = None  # cosine | shifted | interpolated; None: by resolution
     weighting: str = "v_mse"  # v_mse | sigmoid | min_snr
     multiscale: bool = False
+    sigmoid_bias: float = SIGMOID_BIAS  # b of the sigmoid weighting sigmoid(b − λ)
+    min_snr_gamma: float = MIN_SNR_GAMMA  # γ of min(SNR, γ)
 
 
 @dataclass
@@ -83,23 +105,25 @@ class OptimConfig:
 
 @dataclass
 class RunConfig:
-    steps: int = 1000
+    steps: int = resumable(1000)
     batch_size: int = 32  # global batch, split evenly over the processes
-    log_every: int = 10  # metrics every N steps (0: only the last)
-    sample_every: int = 500  # grids at these steps and at the last one; 0: no grids
-    checkpoint_every: int = 250  # training state + exports every N steps (0: only the last)
-    keep: int = 2  # training states kept in RUN/state
+    log_every: int = resumable(10)  # metrics every N steps (0: only the last)
+    sample_every: int = resumable(500)  # grids at these steps and at the last one; 0: none
+    checkpoint_every: int = resumable(250)  # state + exports every N steps (0: only the last)
+    keep: int = resumable(2)  # training states kept in RUN/state
     seed: int = 0
     precision: str = "fp32"  # fp32 | bf16 (autocast)
     deterministic: bool = False  # torch.use_deterministic_algorithms
-    device: str = "auto"  # auto | cpu | cuda
-    parallel: str = "ddp"  # ddp | fsdp (under torchrun)
-    sample_prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
-    sample_per_prompt: int = 2
-    sample_steps: int = 25
-    sample_sampler: str = "dpmpp2m"
-    sample_guidance: float | None = None  # None: the paper's 1.75 (core) / 4.0 (grown)
-    progress: bool = True  # tqdm progress bar on rank 0
+    device: str = resumable("auto")  # auto | cpu | cuda
+    parallel: str = resumable("ddp")  # ddp | fsdp (under torchrun)
+    sample_prompts: list[str] = field(
+        default_factory=lambda: list(DEFAULT_PROMPTS), metadata=RESUMABLE
+    )
+    sample_per_prompt: int = resumable(2)
+    sample_steps: int = resumable(25)
+    sample_sampler: str = resumable("dpmpp2m")
+    sample_guidance: float | None = resumable(None)  # None: the paper's 1.75 / 4.0 (grown)
+    progress: bool = resumable(True)  # tqdm progress bar on rank 0
 
 
 @dataclass
@@ -107,6 +131,13 @@ class GrowConfig:
     mode: str | None = None  # None: phase 1 (train-core); greedy | unfreeze | joint | scratch
     core: str | None = None  # phase-1 run folder (not used by scratch)
     freeze_steps: int | None = None  # steps the core stays frozen; None: from the mode
+
+    def core_frozen_at(self, step: int) -> bool:
+        """Whether the core is frozen at optimizer step `step` (0-based) of a validated config:
+        greedy always, unfreeze while step < freeze_steps, the other modes never."""
+        if self.mode == "unfreeze":
+            return step < self.freeze_steps
+        return self.mode == "greedy"
 
 
 @dataclass
@@ -124,28 +155,16 @@ class Config:
         return "core" if self.grow.mode is None else "grow"
 
 
-# Keys that may change when a run is resumed (they do not change what is learned).
 RESUMABLE_KEYS = frozenset(
-    {
-        "run.steps",
-        "run.log_every",
-        "run.sample_every",
-        "run.checkpoint_every",
-        "run.keep",
-        "run.progress",
-        "run.device",
-        "run.parallel",
-        "data.workers",
-        "data.text_cache_dir",
-        "model.compile",
-        "model.gradient_checkpointing",
-        "run.sample_prompts",
-        "run.sample_per_prompt",
-        "run.sample_steps",
-        "run.sample_sampler",
-        "run.sample_guidance",
-    }
+    f"{section.name}.{f.name}"
+    for section in dataclasses.fields(Config)
+    for f in dataclasses.fields(getattr(Config(), section.name))
+    if f.metadata.get("resumable")
 )
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
 
 
 def _schema() -> Any:
@@ -169,6 +188,26 @@ def _merge(base: Any, other: Any, where: str) -> Any:
         raise ConfigError(f"{where}: bad config key '{key}': {msg}.{hint}") from None
 
 
+def config_path(config_file: str | Path) -> Path:
+    """A YAML path, or the file of the preset of that name shipped in greedygrow/configs/."""
+    path = Path(config_file)
+    if path.is_file():
+        return path
+    preset = PRESETS_DIR / f"{config_file}.yaml"
+    if preset.is_file():
+        return preset
+    names = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+    raise ConfigError(f"config file {path} does not exist and is not a preset; presets: {names}")
+
+
+def _load_yaml(config_file: str | Path) -> Any:
+    path = config_path(config_file)
+    try:
+        return OmegaConf.load(path)
+    except Exception as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+
+
 def load_config(
     config_file: str | Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
@@ -182,14 +221,7 @@ def load_config(
     if base is not None:
         cfg = _merge(cfg, OmegaConf.create(base), "base config")
     if config_file is not None:
-        path = Path(config_file)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist (see configs/ for presets)")
-        try:
-            loaded = OmegaConf.load(path)
-        except Exception as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-        cfg = _merge(cfg, loaded, str(path))
+        cfg = _merge(cfg, _load_yaml(config_file), str(config_path(config_file)))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(
@@ -201,193 +233,20 @@ def load_config(
 
 def user_keys(config_file: str | Path | None, overrides: list[str] | tuple[str, ...]) -> set[str]:
     """The dotted keys the user set explicitly in `config_file` and `overrides`."""
-    keys: set[str] = set()
+    given = [OmegaConf.from_dotlist(list(overrides))]
+    if config_file is not None:
+        given.append(_load_yaml(config_file))
+    return {key for node in given for key in _dotted_keys(OmegaConf.to_container(node) or {})}
 
-    def walk(node: Any, prefix: str) -> None:
-        for k, v in node.items():
-            name = f"{prefix}{k}"
-            keys.add(name)
-            if isinstance(v, dict):
-                walk(v, name + ".")
 
-    if config_file is not None and Path(config_file).is_file():
-        walk(OmegaConf.to_container(OmegaConf.load(config_file)) or {}, "")
-    walk(OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides))), "")
+def _dotted_keys(d: dict, prefix: str = "") -> list[str]:
+    """Every key of nested dicts, dotted, parents included."""
+    keys = []
+    for k, v in d.items():
+        keys.append(f"{prefix}{k}")
+        if isinstance(v, dict):
+            keys += _dotted_keys(v, f"{prefix}{k}.")
     return keys
-
-
-def core_config(cfg: Config) -> CoreConfig:
-    """The CoreConfig named by model.core with model.core_overrides applied."""
-    if cfg.model.core not in CORE_PRESETS:
-        raise ConfigError(
-            f"model.core: unknown core preset '{cfg.model.core}'; "
-            f"choose one of {sorted(CORE_PRESETS)} (see `greedygrow info`)"
-        )
-    return _replace(CORE_PRESETS[cfg.model.core], cfg.model.core_overrides, "model.core_overrides")
-
-
-def shell_config(cfg: Config) -> ShellConfig:
-    """The phase's shell (shallow for train-core, grown for grow) at model.resolution."""
-    grid = core_config(cfg).grid
-    kind = "shallow" if cfg.phase == "core" else "grown"
-    family = cfg.model.shell_family
-    if family not in SHELL_FAMILIES:
-        raise ConfigError(
-            f"model.shell_family: unknown shell family '{family}'; "
-            f"choose one of {sorted(SHELL_FAMILIES)}"
-        )
-    overrides = {
-        k: tuple(v) if isinstance(v, list) else v for k, v in cfg.model.shell_overrides.items()
-    }
-    names = {f.name for f in dataclasses.fields(ShellConfig)}
-    unknown = sorted(set(overrides) - names)
-    if unknown:
-        raise ConfigError(
-            f"model.shell_overrides: unknown field(s) {unknown}; valid fields: {sorted(names)}"
-        )
-    try:
-        return shell_preset(kind, cfg.model.resolution, family, grid, **overrides)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(
-            f"model.resolution={cfg.model.resolution} does not work with a {kind} shell of "
-            f"family '{family}' around the core's {grid}×{grid} grid: {e}"
-        ) from None
-
-
-def _replace(base: Any, overrides: dict[str, Any], where: str) -> Any:
-    names = {f.name for f in dataclasses.fields(base)}
-    unknown = sorted(set(overrides) - names)
-    if unknown:
-        raise ConfigError(f"{where}: unknown field(s) {unknown}; valid fields: {sorted(names)}")
-    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
-    try:
-        return dataclasses.replace(base, **overrides)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{where}: {e}") from None
-
-
-def resolve(cfg: Config) -> Config:
-    """Fill the automatic (None) values from the phase and resolution; returns a new Config."""
-    cfg = dataclasses.replace(
-        cfg,
-        data=dataclasses.replace(cfg.data),
-        grow=dataclasses.replace(cfg.grow),
-        run=dataclasses.replace(cfg.run),
-        diffusion=dataclasses.replace(cfg.diffusion),
-    )
-    if cfg.diffusion.schedule is None and cfg.model.resolution > 0:
-        # the schedule shift follows the resolution (DESIGN: Diffusion; Hoogeboom et al. 2023)
-        cfg.diffusion.schedule = schedule_for(cfg.model.resolution).kind
-    if cfg.data.min_native is None:
-        # The grown model trains on the high-resolution subset (DESIGN: Phase 2).
-        cfg.data.min_native = 0 if cfg.phase == "core" else cfg.model.resolution
-    if cfg.run.sample_guidance is None:
-        # the paper's guidance weights: 1.75 for Shallow-UViT, 4.0 for grown UViTs
-        cfg.run.sample_guidance = 1.75 if cfg.phase == "core" else 4.0
-    if cfg.phase == "grow" and cfg.grow.freeze_steps is None:
-        cfg.grow.freeze_steps = default_freeze_steps(cfg.grow.mode, cfg.run.steps)
-    return cfg
-
-
-def default_freeze_steps(mode: str, steps: int) -> int:
-    """grow.freeze_steps when not given: greedy -1 (frozen for ever); unfreeze a quarter of the
-    run (the paper's 500k of 2M steps); joint and scratch 0."""
-    return {"greedy": -1, "unfreeze": steps // 4}.get(mode, 0)
-
-
-def validate(cfg: Config) -> None:
-    """Refuse a config that cannot train, naming the key and what to do. Builds no model."""
-
-    def need(ok: bool, msg: str) -> None:
-        if not ok:
-            raise ConfigError(msg)
-
-    core = core_config(cfg)
-    shell_config(cfg)
-    m, d, o, r, g = cfg.model, cfg.data, cfg.optim, cfg.run, cfg.grow
-    need(m.resolution > 0, f"model.resolution must be positive, got {m.resolution}")
-    need(d.source in SOURCES, f"data.source must be one of {SOURCES}, got '{d.source}'")
-    need(
-        d.source == "scenes" or bool(d.path),
-        f"data.path is required for data.source={d.source} (a folder or a shard pattern)",
-    )
-    need(
-        0.0 <= d.caption_dropout < 1.0,
-        f"data.caption_dropout must be in [0, 1), got {d.caption_dropout}",
-    )
-    need(d.workers >= 0, f"data.workers must be >= 0, got {d.workers}")
-    text_len = getattr(core, "text_len", None)
-    need(
-        text_len is None or d.text_max_length <= text_len,
-        f"data.text_max_length={d.text_max_length} exceeds the core's text_len={text_len}; "
-        "lower it or pick a core with a longer text_len",
-    )
-    need(
-        cfg.diffusion.schedule is None or cfg.diffusion.schedule in SCHEDULES,
-        f"diffusion.schedule must be one of {SCHEDULES} or null, got '{cfg.diffusion.schedule}'",
-    )
-    need(
-        cfg.diffusion.weighting in WEIGHTINGS,
-        f"diffusion.weighting must be one of {WEIGHTINGS}, got '{cfg.diffusion.weighting}'",
-    )
-    need(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
-    need(
-        len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
-        f"optim.betas must be two numbers in [0, 1), got {o.betas}",
-    )
-    need(
-        o.schedule in ("constant", "cosine"),
-        f"optim.schedule must be constant or cosine, got '{o.schedule}'",
-    )
-    need(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
-    need(o.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 disables), got {o.grad_clip}")
-    need(
-        o.core_lr_multiplier >= 0,
-        f"optim.core_lr_multiplier must be >= 0, got {o.core_lr_multiplier}",
-    )
-    need(0 <= o.ema_decay < 1, f"optim.ema_decay must be in [0, 1), got {o.ema_decay}")
-    need(
-        r.steps > 0 and r.batch_size > 0,
-        f"run.steps and run.batch_size must be positive, got {r.steps}, {r.batch_size}",
-    )
-    for key in ("log_every", "sample_every", "checkpoint_every"):
-        need(getattr(r, key) >= 0, f"run.{key} must be >= 0, got {getattr(r, key)}")
-    need(r.keep >= 1, f"run.keep must be >= 1, got {r.keep}")
-    need(
-        r.precision in ("fp32", "bf16"), f"run.precision must be fp32 or bf16, got '{r.precision}'"
-    )
-    need(
-        r.device in ("auto", "cpu", "cuda"),
-        f"run.device must be auto, cpu or cuda, got '{r.device}'",
-    )
-    need(r.parallel in ("ddp", "fsdp"), f"run.parallel must be ddp or fsdp, got '{r.parallel}'")
-    need(
-        r.sample_sampler in ("ddim", "ancestral", "dpmpp2m"),
-        f"run.sample_sampler must be ddim, ancestral or dpmpp2m, got '{r.sample_sampler}'",
-    )
-    need(
-        g.mode is None or g.mode in GROW_MODES,
-        f"grow.mode must be one of {GROW_MODES} (or null for train-core), got '{g.mode}'",
-    )
-    if g.mode in ("greedy", "unfreeze", "joint"):
-        need(bool(g.core), f"grow.core: --mode {g.mode} needs a phase-1 run folder (--core RUN)")
-    if g.mode == "greedy":
-        need(
-            g.freeze_steps in (None, -1),
-            "grow.freeze_steps: greedy keeps the core frozen for ever (-1); "
-            "use --mode unfreeze to unfreeze it after N steps",
-        )
-    if g.mode == "unfreeze":
-        need(
-            g.freeze_steps is None or g.freeze_steps >= 0,
-            f"grow.freeze_steps must be >= 0 for --mode unfreeze, got {g.freeze_steps}",
-        )
-    if g.mode in ("joint", "scratch"):
-        need(
-            g.freeze_steps in (None, 0),
-            f"grow.freeze_steps: --mode {g.mode} trains the core from step 0; "
-            "use --mode unfreeze for a frozen warm-up",
-        )
 
 
 def to_dict(cfg: Config) -> dict:
@@ -396,11 +255,8 @@ def to_dict(cfg: Config) -> dict:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the effective config as YAML (atomically: temporary file + rename)."""
-    path = Path(path)
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    tmp.replace(path)
+    """Write the effective config as YAML, atomically."""
+    atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
 
 def read_config(path: str | Path) -> Config:
@@ -419,6 +275,7 @@ def config_diff(old: Config, new: Config, ignore: frozenset[str] = RESUMABLE_KEY
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """Dotted keys → values; `*_overrides` dicts stay whole."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         name = f"{prefix}{k}"
@@ -427,3 +284,204 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = v
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the model a config names
+
+
+def core_config(cfg: Config) -> CoreConfig:
+    """The CoreConfig named by model.core with model.core_overrides applied."""
+    if cfg.model.core not in CORE_PRESETS:
+        raise ConfigError(
+            f"model.core: unknown core preset '{cfg.model.core}'; "
+            f"choose one of {sorted(CORE_PRESETS)} (see `greedygrow info`)"
+        )
+    try:
+        fields = checked_fields(CoreConfig, cfg.model.core_overrides, "model.core_overrides")
+        return dataclasses.replace(CORE_PRESETS[cfg.model.core], **fields)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+
+
+def shell_config(cfg: Config) -> ShellConfig:
+    """The phase's shell (shallow for train-core, grown for grow) at model.resolution."""
+    grid = core_config(cfg).grid
+    kind = "shallow" if cfg.phase == "core" else "grown"
+    family = cfg.model.shell_family
+    try:
+        overrides = checked_fields(ShellConfig, cfg.model.shell_overrides, "model.shell_overrides")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    try:
+        return shell_preset(kind, cfg.model.resolution, family, grid, **overrides)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(
+            f"model.resolution={cfg.model.resolution} does not work with a {kind} shell of "
+            f"family '{family}' around the core's {grid}×{grid} grid: {e}"
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# resolving and validating
+
+
+def resolve(cfg: Config) -> Config:
+    """Fill the automatic (None) values from the phase and resolution; returns a new Config."""
+    cfg = dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data),
+        grow=dataclasses.replace(cfg.grow),
+        run=dataclasses.replace(cfg.run),
+        diffusion=dataclasses.replace(cfg.diffusion),
+    )
+    if cfg.diffusion.schedule is None and cfg.model.resolution > 0:
+        # the schedule shift follows the resolution (docs/method.md, Diffusion; simple diffusion)
+        cfg.diffusion.schedule = schedule_for(cfg.model.resolution).kind
+    if cfg.data.min_native is None:
+        # the grown model trains on the high-resolution subset (docs/method.md, Growing)
+        cfg.data.min_native = 0 if cfg.phase == "core" else cfg.model.resolution
+    if cfg.run.sample_guidance is None:
+        # the paper's guidance weights: 1.75 for Shallow-UViT, 4.0 for grown UViTs
+        cfg.run.sample_guidance = 1.75 if cfg.phase == "core" else 4.0
+    if cfg.phase == "grow" and cfg.grow.freeze_steps is None:
+        cfg.grow.freeze_steps = default_freeze_steps(cfg.grow.mode, cfg.run.steps)
+    return cfg
+
+
+def default_freeze_steps(mode: str, steps: int) -> int:
+    """grow.freeze_steps when not given: greedy -1 (frozen for ever); unfreeze a quarter of the
+    run (the paper's 500k of 2M steps); joint and scratch 0."""
+    return {"greedy": -1, "unfreeze": steps // 4}.get(mode, 0)
+
+
+CHOICES: dict[str, tuple] = {
+    "model.shell_family": tuple(SHELL_FAMILIES),
+    "data.source": SOURCES,
+    "diffusion.schedule": (*SCHEDULE_KINDS, None),
+    "diffusion.weighting": WEIGHTINGS,
+    "optim.schedule": ("constant", "cosine"),
+    "run.precision": ("fp32", "bf16"),
+    "run.device": DEVICES,
+    "run.parallel": ("ddp", "fsdp"),
+    "run.sample_sampler": SAMPLERS,
+    "grow.mode": (*GROW_MODES, None),
+}
+
+
+def _value(cfg: Config, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def validate(cfg: Config) -> None:
+    """Refuse a config that cannot train, naming the key and what to do. Builds no model."""
+    for key, choices in CHOICES.items():
+        if _value(cfg, key) not in choices:
+            raise ConfigError(f"{key} must be one of {choices}, got {_value(cfg, key)!r}")
+    core = core_config(cfg)
+    shell_config(cfg)
+    problems = [*_range_problems(cfg), *_grow_problems(cfg.grow)]
+    if cfg.data.source != "scenes" and not cfg.data.path:
+        problems.append(f"data.path is required for data.source={cfg.data.source}")
+    if cfg.data.text_max_length > core.text_len:
+        problems.append(
+            f"data.text_max_length={cfg.data.text_max_length} exceeds the core's text_len="
+            f"{core.text_len}; lower it or pick a core with a longer text_len"
+        )
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def _range_problems(cfg: Config) -> list[str]:
+    """Numbers outside their ranges, as 'key must be ..., got ...'."""
+    optim = cfg.optim
+    rules = [
+        ("model.resolution", cfg.model.resolution > 0, "positive"),
+        ("data.caption_dropout", 0 <= cfg.data.caption_dropout < 1, "in [0, 1)"),
+        ("data.workers", cfg.data.workers >= 0, ">= 0"),
+        ("optim.lr", optim.lr > 0, "positive"),
+        (
+            "optim.betas",
+            len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas),
+            "2 in [0, 1)",
+        ),
+        ("optim.warmup_steps", optim.warmup_steps >= 0, ">= 0"),
+        ("optim.grad_clip", optim.grad_clip >= 0, ">= 0 (0 disables clipping)"),
+        ("optim.core_lr_multiplier", optim.core_lr_multiplier >= 0, ">= 0"),
+        ("optim.ema_decay", 0 <= optim.ema_decay < 1, "in [0, 1)"),
+        ("run.steps", cfg.run.steps > 0, "positive"),
+        ("run.batch_size", cfg.run.batch_size > 0, "positive"),
+        ("run.keep", cfg.run.keep >= 1, ">= 1"),
+        *((f"run.{k}", getattr(cfg.run, k) >= 0, ">= 0") for k in ("log_every", "sample_every")),
+        ("run.checkpoint_every", cfg.run.checkpoint_every >= 0, ">= 0"),
+    ]
+    return [f"{key} must be {what}, got {_value(cfg, key)}" for key, ok, what in rules if not ok]
+
+
+def _grow_problems(grow: GrowConfig) -> list[str]:
+    """The grow-mode rules: which modes need a phase-1 core, and which freeze_steps fit."""
+    mode, steps = grow.mode, grow.freeze_steps
+    if mode in ("greedy", "unfreeze", "joint") and not grow.core:
+        return [f"grow.core: --mode {mode} needs a phase-1 run folder (--core RUN)"]
+    if mode == "greedy" and steps not in (None, -1):
+        return [
+            "grow.freeze_steps: greedy keeps the core frozen for ever (-1); "
+            "use --mode unfreeze to unfreeze it after N steps"
+        ]
+    if mode == "unfreeze" and steps is not None and steps < 0:
+        return [f"grow.freeze_steps must be >= 0 for --mode unfreeze, got {steps}"]
+    if mode in ("joint", "scratch") and steps not in (None, 0):
+        return [
+            f"grow.freeze_steps: --mode {mode} trains the core from step 0; "
+            "use --mode unfreeze for a frozen warm-up"
+        ]
+    return []
+
+
+# ---------------------------------------------------------------------------------------------
+# the two phases' configs
+
+
+def train_core_config(config_file: str | None = None, overrides: list[str] | tuple = ()) -> Config:
+    """Phase 1's config: defaults ← YAML ← key=value; resolved and validated."""
+    cfg = resolve(load_config(config_file, overrides))
+    if cfg.phase != "core":
+        raise ConfigError("grow.mode is set: phase 2 runs with `greedygrow grow`, not train-core")
+    validate(cfg)
+    return cfg
+
+
+INHERITED_KEYS = ("model.core", "model.core_overrides", "data.text_encoder", "data.text_max_length")
+
+
+def grow_config(
+    core: str | None,
+    resolution: int,
+    mode: str,
+    freeze_steps: int | None = None,
+    config_file: str | None = None,
+    overrides: list[str] | tuple = (),
+) -> Config:
+    """Phase 2's config. The core's preset and text encoder come from the phase-1 run unless
+    set explicitly; then YAML ← key=value ← the --resolution/--mode/--freeze-steps flags."""
+    inherited: dict = {}
+    flags = [f"model.resolution={resolution}", f"grow.mode={mode}"]
+    if core is not None:
+        source = Path(core) / "config.yaml"
+        if not source.is_file():
+            raise ConfigError(
+                f"--core {core}: no config.yaml there; point --core at a "
+                "phase-1 run folder written by `greedygrow train-core`"
+            )
+        phase1, user = read_config(source), user_keys(config_file, overrides)
+        for key in INHERITED_KEYS:
+            if key not in user:
+                section, name = key.split(".")
+                inherited.setdefault(section, {})[name] = _value(phase1, key)
+        flags.append(f"grow.core={Path(core).resolve()}")
+    if freeze_steps is not None:
+        flags.append(f"grow.freeze_steps={freeze_steps}")
+    cfg = resolve(load_config(config_file, [*overrides, *flags], base=inherited))
+    validate(cfg)
+    return cfg

@@ -1,7 +1,8 @@
 """Continuous-time variance-preserving diffusion: log-SNR schedules, noising, v-prediction, losses.
 
-Conventions (DESIGN: Diffusion): t in [0, 1], t = 0 clean, t = 1 noise; λ = log(α²/σ²) is the
-log signal-to-noise ratio; z_t = α x + σ ε with α² = sigmoid(λ), σ² = sigmoid(−λ), so α² + σ² = 1.
+Conventions (docs/method.md, Diffusion): t in [0, 1], t = 0 clean, t = 1 noise; λ = log(α²/σ²)
+is the log signal-to-noise ratio; z_t = α x + σ ε with α² = sigmoid(λ), σ² = sigmoid(−λ), so
+α² + σ² = 1.
 Images live in [−1, 1]. The network predicts v = α ε − σ x (Salimans & Ho 2022).
 """
 
@@ -9,12 +10,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from greedygrow.fields import DictSpec
 
 SCHEDULE_KINDS = ("cosine", "shifted", "interpolated")
 WEIGHTINGS = ("v_mse", "sigmoid", "min_snr")
@@ -30,7 +32,7 @@ DenoiseFn = Callable[[Tensor, Tensor], Tensor]
 
 
 @dataclass(frozen=True)
-class Schedule:
+class Schedule(DictSpec):
     """A log-SNR schedule λ(t); `kind` selects cosine, resolution-shifted or interpolated.
 
     Every kind is clamped to [logsnr_min, logsnr_max]; "cosine" ignores `resolution`.
@@ -102,7 +104,7 @@ class Schedule:
 
     def _cosine(self, t: Tensor) -> Tensor:
         # λ(t) = −2 log tan(a + t (b − a)), a = atan(e^{−λmax/2}), b = atan(e^{−λmin/2})
-        # (DESIGN: Diffusion; Kingma et al. 2021 / simple diffusion)
+        # (docs/method.md, Diffusion; Kingma et al. 2021)
         a = math.atan(math.exp(-0.5 * self.logsnr_max))
         b = math.atan(math.exp(-0.5 * self.logsnr_min))
         return -2.0 * torch.log(torch.tan(a + t * (b - a)))
@@ -111,19 +113,6 @@ class Schedule:
         # λ_R(t) = clamp(λ(t) + 2 log(reference / R))  (simple diffusion eq. 4, Hoogeboom 2023)
         lam = self._cosine(t) + 2.0 * math.log(reference / self.resolution)
         return lam.clamp(self.logsnr_min, self.logsnr_max)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict for JSON/YAML (run folders)."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Schedule:
-        """Inverse of to_dict; unknown keys are an error."""
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"Schedule.from_dict: unknown keys {sorted(unknown)}; known {known}")
-        return cls(**d)
 
 
 def schedule_for(resolution: int, kind: str | None = None) -> Schedule:
@@ -158,12 +147,12 @@ def _per_sample(a: Tensor, like: Tensor) -> Tensor:
 
 
 def alpha_sigma(logsnr: Tensor) -> tuple[Tensor, Tensor]:
-    """(α, σ) with α² = sigmoid(λ), σ² = sigmoid(−λ)  (DESIGN: Diffusion; Kingma et al. 2021)."""
+    """(α, σ) with α² = sigmoid(λ), σ² = sigmoid(−λ)  (Kingma et al. 2021)."""
     return torch.sigmoid(logsnr).sqrt(), torch.sigmoid(-logsnr).sqrt()
 
 
 def add_noise(x: Tensor, noise: Tensor, logsnr: Tensor) -> Tensor:
-    """z = α x + σ ε  (DESIGN: Diffusion; Kingma et al. 2021)."""
+    """z = α x + σ ε  (Kingma et al. 2021)."""
     a, s = alpha_sigma(_per_sample(logsnr, x))
     return a * x + s * noise
 
@@ -207,44 +196,25 @@ def training_loss(
     denoise: DenoiseFn,
     x: Tensor,
     schedule: Schedule,
+    t: Tensor,
+    noise: Tensor,
     weighting: str = "v_mse",
     multiscale: bool = False,
-    generator: torch.Generator | None = None,
-    low_discrepancy: bool = False,
-    t: Tensor | None = None,
-    noise: Tensor | None = None,
-    **weighting_kw: float,
+    sigmoid_bias: float = SIGMOID_BIAS,
+    min_snr_gamma: float = MIN_SNR_GAMMA,
 ) -> Tensor:
-    """Per-sample diffusion loss [B] for clean images x [B, ...]; `denoise(z, logsnr) -> v̂`.
+    """Per-sample diffusion loss [B] for clean images x [B, ...] noised with `noise` (x's
+    shape) at times t [B]; `denoise(z, logsnr) -> v̂`.
 
-    weighting: "v_mse" (plain v-MSE), "sigmoid" (ε-MSE weighted by sigmoid(bias − λ) per unit
-    of λ, kw `bias`, default SIGMOID_BIAS) or "min_snr" (kw `gamma`, default 5). t ~ U(0, 1) per
-    sample, or stratified (`low_discrepancy`). Randomness comes from `generator` if given
-    (drawn on its device, then moved to x's). Passing `t` [B] and/or `noise` (x's shape)
-    uses them instead of drawing (e.g. per-sample seeds that survive a resume).
+    weighting: "v_mse" (plain v-MSE), "sigmoid" (ε-MSE weighted by sigmoid(sigmoid_bias − λ)
+    per unit of λ) or "min_snr" (min(SNR, min_snr_gamma)).
     """
-    allowed = {"v_mse": set(), "sigmoid": {"bias"}, "min_snr": {"gamma"}}
-    if weighting not in allowed:
+    if weighting not in WEIGHTINGS:
         raise ValueError(f"training_loss: weighting={weighting!r}; choose one of {WEIGHTINGS}")
-    if set(weighting_kw) - allowed[weighting]:
+    if t.shape != x.shape[:1] or noise.shape != x.shape:
         raise ValueError(
-            f"training_loss: {sorted(weighting_kw)} not accepted by weighting={weighting!r} "
-            f"(accepted: {sorted(allowed[weighting]) or 'none'})"
-        )
-    b = x.shape[0]
-    rng = generator.device if generator is not None else x.device
-    if t is None and low_discrepancy:
-        # t_i = (u + i/B) mod 1: one uniform draw, stratified over the batch (VDM, Kingma 2021)
-        u = torch.rand((), generator=generator, device=rng, dtype=torch.float64)
-        t = (u + torch.arange(b, device=rng, dtype=torch.float64) / b) % 1.0
-    elif t is None:
-        t = torch.rand(b, generator=generator, device=rng, dtype=torch.float64)
-    if noise is None:
-        noise = torch.randn(x.shape, generator=generator, device=rng, dtype=x.dtype)
-    if t.shape != (b,) or noise.shape != x.shape:
-        raise ValueError(
-            f"training_loss: t {tuple(t.shape)} must be [{b}] and noise {tuple(noise.shape)} "
-            f"must match x {tuple(x.shape)}"
+            f"training_loss: t {list(t.shape)} and noise {list(noise.shape)} must "
+            f"match the batch of x {list(x.shape)}"
         )
     noise = noise.to(x.device)
     logsnr = schedule.logsnr(t).to(device=x.device, dtype=torch.float32)
@@ -259,12 +229,11 @@ def training_loss(
         eps_err = _per_sample(alpha_sigma(logsnr)[0], v_err) * v_err
         # L = ½ w(λ) (−dλ/dt) ‖ε̂ − ε‖², w(λ) = sigmoid(b − λ)  (Kingma & Gao 2023, eq. 7);
         # the −dλ/dt factor makes the weighting a density in λ, whatever the schedule
-        bias = weighting_kw.get("bias", SIGMOID_BIAS)
         slope = schedule.dlogsnr_dt(t).to(device=x.device, dtype=torch.float32)
-        return 0.5 * torch.sigmoid(bias - logsnr) * -slope * _mse(eps_err, multiscale)
+        return 0.5 * torch.sigmoid(sigmoid_bias - logsnr) * -slope * _mse(eps_err, multiscale)
     mse = _mse(v_err, multiscale)
     if weighting == "min_snr":
         # L = min(SNR, γ) ‖x̂ − x‖² = min(SNR, γ)/(SNR + 1) ‖v̂ − v‖²  (Hang et al. 2023, v-pred)
         snr = logsnr.exp()
-        return snr.clamp(max=weighting_kw.get("gamma", MIN_SNR_GAMMA)) / (snr + 1) * mse
+        return snr.clamp(max=min_snr_gamma) / (snr + 1) * mse
     return mse  # L = ‖v̂ − v‖²  (Salimans & Ho 2022)

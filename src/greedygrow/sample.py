@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from greedygrow.checkpoint import load_model
 from greedygrow.config import ConfigError
 from greedygrow.diffusion import Schedule
+from greedygrow.distributed import resolve_device
 from greedygrow.sampling import sample, uvit_denoiser
 from greedygrow.text import shared_text_encoder
 
@@ -111,9 +112,7 @@ def sample_to_png(
     bf16: bool = False,
 ) -> Path:
     """Sample a labelled grid (one row per prompt) from an exported run; returns the PNG."""
-    dev = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    )
+    dev = resolve_device(device)
     model, meta = load_model(model_dir, ema=ema, device=dev)
     if resolution is not None and resolution != model.shell_config.resolution:
         raise ConfigError(

@@ -69,6 +69,52 @@ def uvit_denoiser(
     return denoise
 
 
+def _check(
+    shape: tuple[int, ...],
+    sampler: str,
+    steps: int,
+    seeds: Sequence[int] | None,
+    guidance_interval: tuple[float, float] | None,
+) -> list[int]:
+    """Refuse arguments `sample` cannot use; returns one seed per image."""
+    if len(shape) < 2:
+        raise ValueError(f"sample: shape {shape} must be [B, ...] with at least one image dim")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sample: sampler={sampler!r}; choose one of {SAMPLERS}")
+    if int(steps) < 1:
+        raise ValueError(f"sample: steps={steps} must be at least 1")
+    seeds = list(range(shape[0])) if seeds is None else [int(s) for s in seeds]
+    if len(seeds) != shape[0]:
+        raise ValueError(f"sample: {len(seeds)} seeds for a batch of {shape[0]}; give one each")
+    if guidance_interval is not None and not guidance_interval[0] <= guidance_interval[1]:
+        raise ValueError(f"sample: guidance_interval={guidance_interval} must be (lo, hi), lo<=hi")
+    return seeds
+
+
+def _guided(
+    denoise: Denoiser,
+    w: float,
+    interval: tuple[float, float] | None,
+    device: torch.device,
+    autocast: bool,
+) -> Callable[[Tensor, float], Tensor]:
+    """v̂(z, λ) in fp32, with classifier-free guidance of weight w where λ is in `interval`."""
+
+    def v_hat(z: Tensor, lam: float) -> Tensor:
+        n = z.shape[0]
+        logsnr = torch.full((n,), lam, device=device, dtype=torch.float32)
+        guided = w != 1.0 and (interval is None or interval[0] <= lam <= interval[1])
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            if not guided:
+                return denoise(z, logsnr, torch.zeros(n, dtype=torch.bool, device=device)).float()
+            drop = torch.arange(2 * n, device=device) >= n  # [cond; uncond] in one forward
+            out = denoise(torch.cat([z, z]), torch.cat([logsnr, logsnr]), drop).float()
+        out_c, out_u = out[:n], out[n:]
+        return out_u + w * (out_c - out_u)  # CFG: out_u + w (out_c − out_u) (Ho & Salimans 2022)
+
+    return v_hat
+
+
 def _noise(generators: Sequence[torch.Generator], shape: Sequence[int], device) -> Tensor:
     """One draw per image from its own CPU generator, so image i never depends on the batch."""
     return torch.stack([torch.randn(tuple(shape), generator=g) for g in generators]).to(device)
@@ -97,33 +143,9 @@ def sample(
     autocast: run the denoiser under bf16 autocast (the sampler's own arithmetic stays fp32).
     """
     shape = tuple(int(s) for s in shape)
-    if len(shape) < 2:
-        raise ValueError(f"sample: shape {shape} must be [B, ...] with at least one image dim")
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sample: sampler={sampler!r}; choose one of {SAMPLERS}")
-    if int(steps) < 1:
-        raise ValueError(f"sample: steps={steps} must be at least 1")
-    seeds = list(range(shape[0])) if seeds is None else [int(s) for s in seeds]
-    if len(seeds) != shape[0]:
-        raise ValueError(f"sample: {len(seeds)} seeds for a batch of {shape[0]}; give one each")
-    if guidance_interval is not None and not guidance_interval[0] <= guidance_interval[1]:
-        raise ValueError(f"sample: guidance_interval={guidance_interval} must be (lo, hi), lo<=hi")
+    seeds = _check(shape, sampler, steps, seeds, guidance_interval)
     device = torch.device(device)
-    w = float(guidance)
-
-    def v_hat(z: Tensor, lam: float) -> Tensor:
-        n = z.shape[0]
-        logsnr = torch.full((n,), lam, device=device, dtype=torch.float32)
-        inside = guidance_interval is None or guidance_interval[0] <= lam <= guidance_interval[1]
-        guided = w != 1.0 and inside
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            if not guided:
-                return denoise(z, logsnr, torch.zeros(n, dtype=torch.bool, device=device)).float()
-            drop = torch.arange(2 * n, device=device) >= n  # [cond; uncond] in one forward
-            out = denoise(torch.cat([z, z]), torch.cat([logsnr, logsnr]), drop).float()
-        out_c, out_u = out[:n], out[n:]
-        return out_u + w * (out_c - out_u)  # CFG: out_u + w (out_c − out_u) (Ho & Salimans 2022)
-
+    v_hat = _guided(denoise, float(guidance), guidance_interval, device, autocast)
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     z = _noise(generators, shape[1:], device)
     t = torch.linspace(1.0, 0.0, int(steps) + 1, dtype=torch.float64)

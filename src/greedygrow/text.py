@@ -1,4 +1,4 @@
-"""Frozen text encoders and an on-disk cache of their caption embeddings.
+"""Frozen text encoders, and `CachedTextEncoder`, which reads and fills an embedding cache.
 
 `load_text_encoder("minilm")` is the packaged all-MiniLM-L6-v2 (E = 384, fully offline);
 `load_text_encoder("hf:<name-or-dir>")` is any Hugging Face text encoder (T5 / mT5 / UMT5
@@ -13,7 +13,7 @@ cache has one layout. Captions longer than `max_length` tokens are truncated (a 
 how many may have been) and `pooled` is computed from the same truncated tokens.
 
 `CachedTextEncoder(encoder, cache_dir)` has the same interface and stores each caption's
-embedding once, in append-only safetensors shards (see `CachedTextEncoder`).
+embedding once, in immutable shards on disk (it lives in `greedygrow.text_cache`).
 """
 
 from __future__ import annotations
@@ -23,36 +23,28 @@ import functools
 import hashlib
 import json
 import os
-import time
-import uuid
 import warnings
-import weakref
-import zlib
-from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from greedygrow.text_cache import CachedTextEncoder as CachedTextEncoder  # re-exported
 
 DEFAULT_MAX_LENGTH = 32
 DEFAULT_BATCH_SIZE = 64
 ALLOW_DOWNLOAD_ENV = "GREEDYGROW_ALLOW_DOWNLOAD"
 POOLINGS = ("mean", "cls", "max", "lasttoken")
-_CACHE_FORMAT = "greedygrow-text-cache/1"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 class TextEncoderNotFoundError(FileNotFoundError):
     """A text encoder could not be loaded from disk (the message says where and how to fix)."""
-
-
-# --------------------------------------------------------------------------------------------
-# Embeddings
-# --------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -65,15 +57,11 @@ class TextEmbeddings:
 
     def __post_init__(self) -> None:
         t, m, p = self.tokens, self.mask, self.pooled
-        if t.ndim != 3 or m.ndim != 2 or p.ndim != 2:
+        if t.ndim != 3 or m.shape != t.shape[:2] or p.shape != (t.shape[0], t.shape[2]):
             raise ValueError(
-                "TextEmbeddings: expected tokens [B,T,E], mask [B,T], pooled [B,E]; got "
-                f"{tuple(t.shape)}, {tuple(m.shape)}, {tuple(p.shape)}"
-            )
-        if m.shape != t.shape[:2] or p.shape != (t.shape[0], t.shape[2]):
-            raise ValueError(
-                f"TextEmbeddings: shapes disagree: tokens {tuple(t.shape)}, mask "
-                f"{tuple(m.shape)}, pooled {tuple(p.shape)}"
+                "TextEmbeddings: expected tokens [B,T,E], mask [B,T], pooled [B,E]; shapes "
+                f"disagree: tokens {tuple(t.shape)}, mask {tuple(m.shape)}, pooled "
+                f"{tuple(p.shape)}"
             )
         if m.dtype != torch.bool:
             raise ValueError(f"TextEmbeddings: mask must be bool (True = real), got {m.dtype}")
@@ -81,15 +69,18 @@ class TextEmbeddings:
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
+    def _map(self, fn: Callable[[Tensor], Tensor]) -> TextEmbeddings:
+        return TextEmbeddings(fn(self.tokens), fn(self.mask), fn(self.pooled))
+
     def __getitem__(self, index: int | slice | Sequence[int] | Tensor) -> TextEmbeddings:
         """Rows `index` as a new batch; an int gives a batch of one (the batch dim is kept)."""
         if isinstance(index, int):
             index = slice(index, index + 1 if index != -1 else None)
-        elif not isinstance(index, (slice, Tensor)):
-            index = torch.as_tensor(list(index), dtype=torch.long)
-        if isinstance(index, Tensor):
-            index = index.to(self.tokens.device)
-        return TextEmbeddings(self.tokens[index], self.mask[index], self.pooled[index])
+        elif isinstance(index, Tensor):
+            index = index.to(self.device)
+        elif not isinstance(index, slice):
+            index = torch.as_tensor(list(index), dtype=torch.long, device=self.device)
+        return self._map(lambda x: x[index])
 
     @property
     def device(self) -> torch.device:
@@ -97,25 +88,11 @@ class TextEmbeddings:
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> TextEmbeddings:
         """The same embeddings on `device`."""
-        return TextEmbeddings(
-            self.tokens.to(device, non_blocking=non_blocking),
-            self.mask.to(device, non_blocking=non_blocking),
-            self.pooled.to(device, non_blocking=non_blocking),
-        )
-
-    def pin_memory(self) -> TextEmbeddings:
-        """Page-locked copy (called by DataLoader(pin_memory=True))."""
-        return TextEmbeddings(
-            self.tokens.pin_memory(), self.mask.pin_memory(), self.pooled.pin_memory()
-        )
+        return self._map(lambda x: x.to(device, non_blocking=non_blocking))
 
     def repeat_interleave(self, repeats: int) -> TextEmbeddings:
         """Each row repeated `repeats` times in place (row i → rows i·r … i·r + r − 1)."""
-        return TextEmbeddings(
-            self.tokens.repeat_interleave(repeats, dim=0),
-            self.mask.repeat_interleave(repeats, dim=0),
-            self.pooled.repeat_interleave(repeats, dim=0),
-        )
+        return self._map(lambda x: x.repeat_interleave(repeats, dim=0))
 
     @staticmethod
     def cat(items: Sequence[TextEmbeddings]) -> TextEmbeddings:
@@ -129,18 +106,8 @@ class TextEmbeddings:
         )
 
 
-class TextEncoderLike(Protocol):
-    """What `CachedTextEncoder` (and the trainer) needs from an encoder."""
-
-    id: str
-    dim: int
-    max_length: int
-    device: torch.device
-
-    def encode(self, captions: Sequence[str]) -> TextEmbeddings: ...
-
-
-def _check_captions(captions: Sequence[str]) -> list[str]:
+def check_captions(captions: Sequence[str]) -> list[str]:
+    """`captions` as a list, or a TypeError naming what is not a caption."""
     if isinstance(captions, (str, bytes)):
         raise TypeError(
             f"encode: expected a list of captions, got a single {type(captions).__name__}; "
@@ -151,11 +118,6 @@ def _check_captions(captions: Sequence[str]) -> list[str]:
         if not isinstance(c, str):
             raise TypeError(f"encode: caption {i} is {type(c).__name__}, expected str: {c!r}")
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# Encoders
-# --------------------------------------------------------------------------------------------
 
 
 def pool(hidden: Tensor, mask: Tensor, mode: str) -> Tensor:
@@ -222,7 +184,7 @@ class TextEncoder:
 
     def encode(self, captions: Sequence[str]) -> TextEmbeddings:
         """Embed `captions`: tokens [B,max_length,E], mask [B,max_length], pooled [B,E]."""
-        captions = _check_captions(captions)
+        captions = check_captions(captions)
         n, length, dim = len(captions), self.max_length, self.dim
         tokens = torch.zeros(n, length, dim, device=self.device)
         mask = torch.zeros(n, length, dtype=torch.bool, device=self.device)
@@ -231,7 +193,15 @@ class TextEncoder:
             return TextEmbeddings(tokens, mask, pooled)
         ids = self.tokenizer(captions, truncation=True, max_length=length)["input_ids"]
         ids = [row if len(row) else [self._pad_id] for row in ids]  # ≥ 1 token per row
-        self._warn_truncation(sum(len(row) == length for row in ids), n)
+        full = sum(len(row) == length for row in ids)
+        if full and not self._warned_truncation:
+            self._warned_truncation = True
+            warnings.warn(
+                f"text encoder {self.id}: {full} of {n} captions fill all {length} tokens and "
+                "may have been truncated; raise max_length (the model's text_len must allow "
+                "it) if that loses meaning",
+                stacklevel=2,
+            )
         # Longest first, so batches hold similar lengths and the peak memory shows at once.
         order = sorted(range(n), key=lambda i: -len(ids[i]))
         with torch.inference_mode(), torch.autocast(self.device.type, enabled=False):
@@ -248,11 +218,8 @@ class TextEncoder:
 
     def _pad(self, rows: list[list[int]]) -> tuple[Tensor, Tensor]:
         width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), self._pad_id, dtype=torch.long)
-        attn = torch.zeros(len(rows), width, dtype=torch.bool)
-        for i, r in enumerate(rows):
-            input_ids[i, : len(r)] = torch.tensor(r)
-            attn[i, : len(r)] = True
+        input_ids = torch.tensor([r + [self._pad_id] * (width - len(r)) for r in rows])
+        attn = torch.arange(width) < torch.tensor([len(r) for r in rows])[:, None]
         return input_ids.to(self.device), attn.to(self.device)
 
     def _forward(self, input_ids: Tensor, attn: Tensor) -> tuple[Tensor, Tensor]:
@@ -265,16 +232,6 @@ class TextEncoder:
         if self.normalize:
             pooled = F.normalize(pooled.float(), p=2, dim=-1)  # p / ‖p‖₂  (ST Normalize)
         return hidden, pooled
-
-    def _warn_truncation(self, full: int, total: int) -> None:
-        if full and not self._warned_truncation:
-            self._warned_truncation = True
-            warnings.warn(
-                f"text encoder {self.id}: {full} of {total} captions fill all "
-                f"{self.max_length} tokens and may have been truncated; raise max_length "
-                "(the model's text_len must allow it) if that loses meaning",
-                stacklevel=3,
-            )
 
 
 def load_text_encoder(
@@ -296,8 +253,13 @@ def load_text_encoder(
         raise ValueError(
             f"load_text_encoder: max_length must be a positive int, got {max_length!r}"
         )
-    dtype = _parse_dtype(dtype)
-    suffix = f"@{max_length}" + ("" if dtype == torch.float32 else f":{_dtype_name(dtype)}")
+    if isinstance(dtype, str):
+        dtype = _DTYPES.get(_DTYPE_ALIASES.get(dtype, dtype), dtype)
+    if dtype not in _DTYPES.values():
+        raise ValueError(f"text encoder dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    suffix = f"@{max_length}" + (
+        "" if dtype == torch.float32 else f":{str(dtype).removeprefix('torch.')}"
+    )
     if spec == "minilm":
         source, label, local_only = _minilm_dir(), "minilm-l6-v2", True
     elif spec.startswith("hf:") and spec[3:].strip():
@@ -372,52 +334,20 @@ def _load_hf(
             "folder holding config.json, the weights and the tokenizer files (as written by "
             "save_pretrained or `hf download NAME --local-dir DIR`)"
         )
-    kw = {"local_files_only": local_only}
+    kw: dict[str, Any] = {"local_files_only": local_only}
     try:
         config = tf.AutoConfig.from_pretrained(source, **kw)
     except (OSError, ValueError) as e:
         raise _not_found(spec, source, is_dir, local_only, e) from e
     st = _sentence_transformers_head(source, local_only)
     subfolder = st.pop("subfolder", "")
-    sub = {"subfolder": subfolder} if subfolder else {}
-    if sub:
-        config = tf.AutoConfig.from_pretrained(source, **kw, **sub)
-    kind = config.model_type
-    major = int(tf.__version__.split(".")[0])
-    load = {
-        **kw,
-        **sub,
-        "output_loading_info": True,
-        ("dtype" if major >= 5 else "torch_dtype"): dtype,
-    }
-    head: dict[str, Any] = {"pooling": "mean", "normalize": False, "pooled_output": None}
-    allowed_missing = ("pooler.",)  # BERT's pooler is unused: pooled comes from the states
+    if subfolder:
+        kw["subfolder"] = subfolder
+        config = tf.AutoConfig.from_pretrained(source, **kw)
+    dtype_arg = "dtype" if int(tf.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    load = {**kw, "output_loading_info": True, dtype_arg: dtype}
     try:
-        if kind in ("t5", "mt5", "umt5"):
-            cls = {"t5": tf.T5EncoderModel, "mt5": tf.MT5EncoderModel, "umt5": tf.UMT5EncoderModel}
-            model, info = cls[kind].from_pretrained(source, **load)
-        elif kind in ("clip", "clip_text_model"):
-            text_cfg = config.text_config if kind == "clip" else config
-            if kind == "clip":
-                text_cfg.projection_dim = config.projection_dim
-            model, info = tf.CLIPTextModelWithProjection.from_pretrained(
-                source, config=text_cfg, **load
-            )
-            has_proj = "text_projection.weight" not in info["missing_keys"]
-            same_dim = text_cfg.projection_dim == text_cfg.hidden_size
-            # pooled = W_proj h_eos (CLIP text_embeds) when it has the token width, else h_eos
-            head["pooled_output"] = "text_embeds" if has_proj and same_dim else "pooler_output"
-            allowed_missing = ("text_projection.",)
-        elif hasattr(config, "vision_config") or hasattr(config, "audio_config"):
-            raise TextEncoderNotFoundError(
-                f"text encoder {spec!r}: model type {kind!r} is multi-modal and not supported "
-                "as a text encoder; supported: T5/mT5/UMT5, CLIP, BERT-like encoders, "
-                "sentence-transformers folders"
-            )
-        else:
-            model, info = tf.AutoModel.from_pretrained(source, **load)
-            if config.is_encoder_decoder:
-                model = model.get_encoder()
+        model, head = _load_model(tf, spec, source, config, load)
     except OSError as e:
         raise _not_found(spec, source, is_dir, local_only, e) from e
     except RuntimeError as e:
@@ -425,6 +355,48 @@ def _load_hf(
             f"text encoder {spec!r}: the checkpoint at {source} does not fit its "
             f"config ({_first_line(e)})"
         ) from e
+    head.update(st)
+    try:
+        tokenizer = tf.AutoTokenizer.from_pretrained(source, **kw)
+    except (OSError, ValueError, TypeError) as e:
+        raise _not_found(spec, source, is_dir, local_only, e, what="tokenizer") from e
+    if getattr(model.config, "hidden_size", None) is None:
+        model.config.hidden_size = model.get_input_embeddings().embedding_dim
+    return model, tokenizer, head
+
+
+def _load_model(
+    tf: Any, spec: str, source: str, config: Any, load: dict[str, Any]
+) -> tuple[Any, dict[str, Any]]:
+    """The encoder model of `config`'s type, and its pooled-embedding recipe."""
+    kind = config.model_type
+    head: dict[str, Any] = {"pooling": "mean", "normalize": False, "pooled_output": None}
+    allowed_missing = ("pooler.",)  # BERT's pooler is unused: pooled comes from the states
+    if kind in ("t5", "mt5", "umt5"):
+        cls = {"t5": tf.T5EncoderModel, "mt5": tf.MT5EncoderModel, "umt5": tf.UMT5EncoderModel}
+        model, info = cls[kind].from_pretrained(source, **load)
+    elif kind in ("clip", "clip_text_model"):
+        text_cfg = config.text_config if kind == "clip" else config
+        if kind == "clip":
+            text_cfg.projection_dim = config.projection_dim
+        model, info = tf.CLIPTextModelWithProjection.from_pretrained(
+            source, config=text_cfg, **load
+        )
+        has_proj = "text_projection.weight" not in info["missing_keys"]
+        same_dim = text_cfg.projection_dim == text_cfg.hidden_size
+        # pooled = W_proj h_eos (CLIP text_embeds) when it has the token width, else h_eos
+        head["pooled_output"] = "text_embeds" if has_proj and same_dim else "pooler_output"
+        allowed_missing = ("text_projection.",)
+    elif hasattr(config, "vision_config") or hasattr(config, "audio_config"):
+        raise TextEncoderNotFoundError(
+            f"text encoder {spec!r}: model type {kind!r} is multi-modal and not supported "
+            "as a text encoder; supported: T5/mT5/UMT5, CLIP, BERT-like encoders, "
+            "sentence-transformers folders"
+        )
+    else:
+        model, info = tf.AutoModel.from_pretrained(source, **load)
+        if config.is_encoder_decoder:
+            model = model.get_encoder()
     missing = sorted(k for k in info["missing_keys"] if not k.startswith(allowed_missing))
     if missing:
         raise ValueError(
@@ -432,14 +404,7 @@ def _load_hf(
             f"({', '.join(missing[:5])}{', …' if len(missing) > 5 else ''}); it would run with "
             "random weights. Point hf: at the full checkpoint of a text encoder"
         )
-    head.update(st)
-    try:
-        tokenizer = tf.AutoTokenizer.from_pretrained(source, **kw, **sub)
-    except (OSError, ValueError, TypeError) as e:
-        raise _not_found(spec, source, is_dir, local_only, e, what="tokenizer") from e
-    if getattr(model.config, "hidden_size", None) is None:
-        model.config.hidden_size = model.get_input_embeddings().embedding_dim
-    return model, tokenizer, head
+    return model, head
 
 
 def _sentence_transformers_head(source: str, local_only: bool) -> dict[str, Any]:
@@ -470,18 +435,13 @@ def _sentence_transformers_head(source: str, local_only: bool) -> dict[str, Any]
 
 
 def _st_pooling_mode(cfg: dict[str, Any], source: str) -> str:
+    """Our pooling for a sentence-transformers Pooling config (pooling_mode or its flags)."""
     if isinstance(cfg.get("pooling_mode"), str):
         modes = [cfg["pooling_mode"]]
-    else:
-        names = {
-            "pooling_mode_mean_tokens": "mean",
-            "pooling_mode_cls_token": "cls",
-            "pooling_mode_max_tokens": "max",
-            "pooling_mode_lasttoken": "lasttoken",
-            "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
-            "pooling_mode_weightedmean_tokens": "weightedmean",
-        }
-        modes = [mode for key, mode in names.items() if cfg.get(key)]
+    else:  # flags such as pooling_mode_mean_tokens: true
+        on = [k.removeprefix("pooling_mode_") for k, v in cfg.items() if "pooling_mode_" in k and v]
+        names = {"mean_tokens": "mean", "cls_token": "cls", "max_tokens": "max"}
+        modes = [names.get(flag, flag) for flag in on]
     if len(modes) != 1 or modes[0] not in POOLINGS:
         raise ValueError(
             f"{source}: sentence-transformers pooling {modes} is not supported; supported: "
@@ -549,27 +509,6 @@ def _fingerprint(model: torch.nn.Module, tokenizer: Any, head: dict[str, Any]) -
     return h.hexdigest()
 
 
-def _parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        value = dtype
-    else:
-        value = {
-            "float32": torch.float32,
-            "fp32": torch.float32,
-            "bfloat16": torch.bfloat16,
-            "bf16": torch.bfloat16,
-            "float16": torch.float16,
-            "fp16": torch.float16,
-        }.get(dtype)
-    if value not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"text encoder dtype must be float32, bfloat16 or float16, got {dtype!r}")
-    return value
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
     """Silence transformers' load reports and progress bars; we check loading info ourselves."""
@@ -584,330 +523,3 @@ def _quiet_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
-
-
-# --------------------------------------------------------------------------------------------
-# Cache
-# --------------------------------------------------------------------------------------------
-
-
-def caption_key(caption: str) -> str:
-    """Cache key of a caption: the first 128 bits of SHA-256 of its UTF-8 bytes, in hex."""
-    return hashlib.sha256(caption.encode("utf-8", "surrogatepass")).hexdigest()[:32]
-
-
-def cache_subdir(encoder_id: str) -> str:
-    """Folder name of an encoder's entries inside a cache directory."""
-    safe = "".join(c if c.isalnum() or c in "-_.@" else "_" for c in encoder_id)
-    return f"{safe[:80]}-{hashlib.sha256(encoder_id.encode()).hexdigest()[:8]}"
-
-
-class _Shard:
-    """One immutable shard file: its path, keys, token offsets and entry checksums."""
-
-    def __init__(self, path: Path, keys: list[str], offsets: np.ndarray, crc: np.ndarray) -> None:
-        self.path, self.keys, self.offsets, self.crc = path, keys, offsets, crc
-
-
-class _ShardStore:
-    """Append-only safetensors shards of one encoder's embeddings, plus unwritten entries.
-
-    A shard holds `tokens` [ΣL, E] (each caption's L real token vectors, packed), `offsets`
-    [N+1], `pooled` [N, E], `crc` [N] (CRC-32 of each entry's bytes) and its N caption keys in
-    the header metadata. Shards are written to a temporary name and renamed into place, so a
-    reader never sees a partial one; the index is rebuilt from shard headers, and new shards
-    from other processes are picked up on a miss. The oldest shard holding a key wins.
-    """
-
-    def __init__(self, directory: Path, encoder_id: str, dim: int, shard_size: int) -> None:
-        self.directory, self.encoder_id, self.dim = directory, encoder_id, dim
-        self.shard_size = shard_size
-        self._pid = os.getpid()
-        self._shards: dict[str, _Shard] = {}
-        self._seen: set[str] = set()
-        self._index: dict[str, tuple[_Shard, int]] = {}
-        self._handles: OrderedDict[str, Any] = OrderedDict()
-        self.pending: dict[str, tuple[Tensor, Tensor]] = {}
-        self.refresh()
-
-    def __len__(self) -> int:
-        return len(self._index) + sum(k not in self._index for k in self.pending)
-
-    def _check_fork(self) -> None:
-        if os.getpid() != self._pid:  # forked (DataLoader worker): parent's buffers are not ours
-            self._pid = os.getpid()
-            self._handles.clear()
-            self.pending = {}
-
-    def refresh(self) -> None:
-        """Index shard files not seen before (written by us or by another process)."""
-        for path in sorted(self.directory.glob("shard-*.safetensors")):
-            if path.name in self._seen:
-                continue
-            self._seen.add(path.name)
-            shard = self._read_header(path)
-            if shard is None:
-                continue
-            self._shards[path.name] = shard
-            for row, key in enumerate(shard.keys):
-                self._index.setdefault(key, (shard, row))
-
-    def _read_header(self, path: Path) -> _Shard | None:
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), "np") as f:
-                meta = f.metadata() or {}
-                keys = json.loads(meta.get("keys", "null"))
-                offsets, crc = f.get_tensor("offsets"), f.get_tensor("crc")
-                n_tok, dim = f.get_slice("tokens").get_shape()
-                pooled_shape = f.get_slice("pooled").get_shape()
-        except FileNotFoundError:
-            return None  # removed since the listing
-        except Exception as e:  # any unreadable file: safetensors, JSON or key errors
-            self._quarantine(path, f"unreadable ({_first_line(e)})")
-            return None
-        n = len(keys) if isinstance(keys, list) else -1
-        if meta.get("format") != _CACHE_FORMAT or meta.get("encoder") != self.encoder_id:
-            found = f"{meta.get('format')} by {meta.get('encoder')}"
-            warnings.warn(
-                f"text embedding cache: skipping shard {path}: it is {found}, not "
-                f"{_CACHE_FORMAT} by {self.encoder_id}",
-                stacklevel=5,
-            )
-            return None
-        if dim != self.dim:
-            problem = "wrong embedding width"
-        elif (
-            n < 0
-            or pooled_shape != [n, dim]
-            or crc.shape != (n,)
-            or offsets.shape != (n + 1,)
-            or offsets[0] != 0
-            or offsets[-1] != n_tok
-            or np.any(np.diff(offsets) < 1)
-        ):
-            problem = "inconsistent sizes"
-        else:
-            return _Shard(path, keys, offsets, crc)
-        self._quarantine(path, problem)
-        return None
-
-    def _quarantine(self, path: Path, reason: str) -> None:
-        """Warn and rename a damaged shard to *.bad so that no process reads it again."""
-        warnings.warn(
-            f"text embedding cache: ignoring shard {path} ({reason}); its captions will be "
-            "re-encoded. The file is renamed to *.bad",
-            stacklevel=5,
-        )
-        with contextlib.suppress(OSError):  # read-only cache or a concurrent reader did it
-            os.replace(path, path.with_name(path.name + ".bad"))
-
-    def get(self, keys: Sequence[str]) -> dict[str, tuple[Tensor, Tensor]]:
-        """Entries (real tokens [L,E], pooled [E]) for the keys that are cached."""
-        self._check_fork()
-        found: dict[str, tuple[Tensor, Tensor]] = {}
-        todo = [k for k in keys if k not in self.pending]
-        found.update({k: self.pending[k] for k in keys if k in self.pending})
-        if any(k not in self._index for k in todo):
-            self.refresh()
-        for key in todo:
-            while key in self._index:
-                shard, row = self._index[key]
-                entry = self._read(shard, row)
-                if entry is not None:
-                    found[key] = entry
-                    break
-        return found
-
-    def _read(self, shard: _Shard, row: int) -> tuple[Tensor, Tensor] | None:
-        try:
-            tokens_slice, pooled_slice = self._handle(shard)
-            tokens = tokens_slice[int(shard.offsets[row]) : int(shard.offsets[row + 1])]
-            pooled = pooled_slice[row : row + 1][0]
-        except Exception as e:  # file gone or damaged since it was indexed
-            self._drop(shard, f"unreadable ({_first_line(e)})")
-            return None
-        if _entry_crc(tokens, pooled) != int(shard.crc[row]):
-            self._drop(shard, f"checksum mismatch at entry {row}")
-            return None
-        return torch.from_numpy(tokens), torch.from_numpy(pooled)
-
-    def _handle(self, shard: _Shard) -> tuple[Any, Any]:
-        """Lazy (memory-mapped) slices of a shard's tokens and pooled; the 32 latest stay open."""
-        name = shard.path.name
-        if name in self._handles:
-            self._handles.move_to_end(name)
-        else:
-            from safetensors import safe_open
-
-            f = safe_open(str(shard.path), "np")  # numpy slices are ~3x faster than "pt" ones
-            self._handles[name] = (f.get_slice("tokens"), f.get_slice("pooled"))
-            if len(self._handles) > 32:
-                self._handles.popitem(last=False)
-        return self._handles[name]
-
-    def _drop(self, shard: _Shard, reason: str) -> None:
-        """Forget a damaged shard and re-index, so copies in other shards can take over."""
-        self._quarantine(shard.path, reason)
-        self._handles.pop(shard.path.name, None)
-        self._shards.pop(shard.path.name, None)
-        self._index = {}
-        for other in self._shards.values():
-            for row, key in enumerate(other.keys):
-                self._index.setdefault(key, (other, row))
-
-    def put(self, key: str, tokens: Tensor, pooled: Tensor) -> None:
-        self._check_fork()
-        self.pending[key] = (tokens, pooled)
-        if len(self.pending) >= self.shard_size:
-            self.flush()
-
-    def flush(self) -> None:
-        """Write the unwritten entries as one new shard (atomically: temp file + rename)."""
-        from safetensors.torch import save_file
-
-        self._check_fork()
-        entries = {k: v for k, v in self.pending.items() if k not in self._index}
-        self.pending = {}
-        if not entries:
-            return
-        keys = list(entries)
-        toks = [entries[k][0] for k in keys]
-        pooled = torch.stack([entries[k][1] for k in keys])
-        offsets = np.concatenate([[0], np.cumsum([t.shape[0] for t in toks])])
-        crc = np.array(
-            [_entry_crc(t.numpy(), p.numpy()) for t, p in zip(toks, pooled, strict=True)],
-            dtype=np.int64,
-        )
-        name = f"shard-{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}.safetensors"
-        final, tmp = self.directory / name, self.directory / f".tmp-{name}"
-        meta = {"format": _CACHE_FORMAT, "encoder": self.encoder_id, "keys": json.dumps(keys)}
-        try:
-            save_file(
-                {
-                    "tokens": torch.cat(toks).contiguous(),
-                    "pooled": pooled.contiguous(),
-                    "offsets": torch.from_numpy(offsets).to(torch.int64),
-                    "crc": torch.from_numpy(crc),
-                },
-                str(tmp),
-                metadata=meta,
-            )
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            warnings.warn(
-                f"text embedding cache: could not write {final} ({e}); "
-                f"{len(keys)} embeddings stay uncached",
-                stacklevel=3,
-            )
-            return
-        self._seen.add(name)
-        shard = _Shard(final, keys, offsets, crc)
-        self._shards[name] = shard
-        for row, key in enumerate(keys):
-            self._index.setdefault(key, (shard, row))
-
-    def size_bytes(self) -> int:
-        return sum(s.path.stat().st_size for s in self._shards.values() if s.path.exists())
-
-
-def _entry_crc(tokens: np.ndarray, pooled: np.ndarray) -> int:
-    """CRC-32 of an entry's float32 bytes (tokens, then pooled)."""
-    crc = zlib.crc32(np.ascontiguousarray(tokens, dtype=np.float32))
-    return zlib.crc32(np.ascontiguousarray(pooled, dtype=np.float32), crc)
-
-
-class CachedTextEncoder:
-    """`encoder` with its embeddings cached on disk under `cache_dir/<encoder id>/`.
-
-    Looks each caption up (by `caption_key`), encodes only the misses (each distinct caption
-    once, in the encoder's batches) and stores them; new entries are buffered and written as
-    a shard every `shard_size` entries, on `flush()`, on leaving a `with` block and at exit.
-    Safe for many concurrent readers and writers (duplicates are harmless); a damaged or
-    vanished shard is reported with a warning and its captions are re-encoded. Returns
-    exactly the tensors the encoder produced, on the encoder's device.
-    """
-
-    def __init__(
-        self, encoder: TextEncoderLike, cache_dir: str | os.PathLike, *, shard_size: int = 1024
-    ) -> None:
-        if shard_size < 1:
-            raise ValueError(f"CachedTextEncoder: shard_size must be >= 1, got {shard_size}")
-        self.encoder = encoder
-        self.id, self.dim, self.max_length = encoder.id, encoder.dim, encoder.max_length
-        self.directory = Path(cache_dir) / cache_subdir(encoder.id)
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise OSError(
-                f"CachedTextEncoder: cannot create cache directory {self.directory} ({e}); "
-                "pass a writable --cache / cache_dir"
-            ) from e
-        self._store = _ShardStore(self.directory, encoder.id, encoder.dim, shard_size)
-        self._finalizer = weakref.finalize(self, self._store.flush)
-        self.hits = 0
-        self.misses = 0
-
-    @property
-    def device(self) -> torch.device:
-        return self.encoder.device
-
-    def __repr__(self) -> str:
-        return f"CachedTextEncoder({self.encoder!r}, {str(self.directory)!r})"
-
-    def __enter__(self) -> CachedTextEncoder:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.flush()
-
-    def __len__(self) -> int:
-        """Number of cached captions (written or buffered)."""
-        return len(self._store)
-
-    def flush(self) -> None:
-        """Write buffered entries to disk now."""
-        self._store.flush()
-
-    def size_bytes(self) -> int:
-        """Bytes of shard files on disk for this encoder."""
-        return self._store.size_bytes()
-
-    def encode(self, captions: Sequence[str]) -> TextEmbeddings:
-        """Embed `captions` like the wrapped encoder, reading and filling the cache."""
-        captions = _check_captions(captions)
-        keys = [caption_key(c) for c in captions]
-        unique = list(dict.fromkeys(keys))
-        entries = self._store.get(unique)
-        missing = [k for k in unique if k not in entries]
-        self.hits += len(unique) - len(missing)
-        self.misses += len(missing)
-        if missing:
-            first = dict(zip(keys, captions, strict=True))
-            fresh = self.encoder.encode([first[k] for k in missing]).to("cpu")
-            for i, key in enumerate(missing):
-                entries[key] = self._entry(fresh, i)
-                self._store.put(key, *entries[key])
-        n, length, dim = len(captions), self.max_length, self.dim
-        tokens = torch.zeros(n, length, dim)
-        mask = torch.zeros(n, length, dtype=torch.bool)
-        pooled = torch.zeros(n, dim)
-        for i, key in enumerate(keys):
-            tok, pool_vec = entries[key]
-            tokens[i, : tok.shape[0]] = tok
-            mask[i, : tok.shape[0]] = True
-            pooled[i] = pool_vec
-        return TextEmbeddings(tokens, mask, pooled).to(self.device)
-
-    def _entry(self, fresh: TextEmbeddings, i: int) -> tuple[Tensor, Tensor]:
-        real = int(fresh.mask[i].sum())
-        if real < 1 or not bool(fresh.mask[i, :real].all()):
-            raise ValueError(
-                f"CachedTextEncoder: encoder {self.id} returned a mask that is not a non-empty "
-                "prefix (padding must be on the right); it cannot be cached"
-            )
-        return fresh.tokens[i, :real].float().clone(), fresh.pooled[i].float().clone()

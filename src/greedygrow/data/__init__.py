@@ -16,13 +16,9 @@ from greedygrow.data.scenes import (
     sample_scene,
     write_dataset,
 )
-from greedygrow.data.sources import (
-    FolderDataset,
-    SkipCounter,
-    WebDatasetStream,
-    make_dataset,
-    skip_none_collate,
-)
+from greedygrow.data.shards import WebDatasetStream
+from greedygrow.data.skips import SkipCounter, skip_none_collate
+from greedygrow.data.sources import FolderDataset, make_dataset
 
 __all__ = [
     "ATTRIBUTES",

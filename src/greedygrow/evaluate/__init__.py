@@ -1,5 +1,6 @@
 """Evaluation: alignment on scenes (alignment), FID / FD-DINOv2 / CMMD / CLIPScore
-(distribution) and the `greedygrow evaluate` report (report).
+(distribution) on feature networks (features), one run sampled and measured (runs) and the
+`greedygrow evaluate` report (report).
 
 Names are imported lazily, so `import greedygrow.evaluate` stays cheap.
 """
@@ -22,28 +23,24 @@ _EXPORTS = {
         "summarize",
     ),
     "distribution": (
-        "ClipFeatures",
-        "DinoV2Features",
         "Extractors",
-        "FeatureExtractor",
         "FeatureStats",
-        "InceptionFID",
-        "WeightsUnavailableError",
         "clip_score",
         "cmmd",
         "distribution_metrics",
         "frechet_distance",
-        "load_extractor",
         "reference_stats",
     ),
-    "report": (
-        "PromptSet",
-        "RunEvaluation",
-        "Settings",
-        "evaluate",
-        "evaluate_run",
-        "write_report",
+    "features": (
+        "ClipFeatures",
+        "DinoV2Features",
+        "FeatureExtractor",
+        "InceptionFID",
+        "WeightsUnavailableError",
+        "load_extractor",
     ),
+    "runs": ("PromptSet", "RunEvaluation", "Settings", "evaluate_run"),
+    "report": ("evaluate", "write_report"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

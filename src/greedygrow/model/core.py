@@ -1,26 +1,25 @@
 """The transformer core: conditioning, text, and L blocks on a G×G token grid.
 
-The core is the part greedy growing keeps (DESIGN: Architecture). Nothing in it depends on
+The core is the part greedy growing keeps (docs/method.md, Model). Nothing in it depends on
 the image size: it maps tokens [B, G·G, D] (row-major raster of the G×G grid) to tokens of
 the same shape, conditioned on the log-SNR λ and on the text.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from greedygrow.fields import DictSpec
 from greedygrow.model.layers import (
     Linear,
     RMSNorm,
     attention,
     checkpointed,
-    config_from_dict,
     fourier_features,
     layer_norm,
     modulate,
@@ -29,8 +28,8 @@ from greedygrow.model.layers import (
 
 
 @dataclass(frozen=True)
-class CoreConfig:
-    """Shape of a core. `cond_dim` 0 means "same as width"."""
+class CoreConfig(DictSpec):
+    """Shape of a core; the conditioning vector c has the core's width."""
 
     width: int = 192  # D
     depth: int = 6  # L
@@ -40,7 +39,6 @@ class CoreConfig:
     text_dim: int = 384  # E, the text encoder's token width
     text_len: int = 32  # most text tokens accepted per caption
     null_tokens: int = 4  # learned tokens standing in for a dropped caption
-    cond_dim: int = 0  # width of the conditioning vector c; 0 → width
     fourier_dim: int = 256  # Fourier features of λ
 
     def __post_init__(self) -> None:
@@ -68,25 +66,11 @@ class CoreConfig:
             raise ValueError(f"CoreConfig: fourier_dim must be even, got {self.fourier_dim}")
         if self.mlp_ratio <= 0:
             raise ValueError(f"CoreConfig: mlp_ratio must be > 0, got {self.mlp_ratio}")
-        if self.cond_dim < 0:
-            raise ValueError(f"CoreConfig: cond_dim must be ≥ 0, got {self.cond_dim}")
-
-    @property
-    def cond_width(self) -> int:
-        """Width of the conditioning vector c (also fed to every shell ResBlock)."""
-        return self.cond_dim or self.width
 
     @property
     def tokens(self) -> int:
         """Number of image tokens, G²."""
         return self.grid * self.grid
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> CoreConfig:
-        return config_from_dict(cls, data)
 
 
 class Conditioning(NamedTuple):
@@ -158,7 +142,7 @@ class Block(nn.Module):
     def __init__(self, config: CoreConfig) -> None:
         super().__init__()
         d = config.width
-        self.modulation = Linear(config.cond_width, 9 * d)
+        self.modulation = Linear(config.width, 9 * d)
         self.attn = SelfAttention(d, config.heads)
         self.cross = CrossAttention(d, config.heads)
         self.mlp = MLP(d, round(d * config.mlp_ratio))
@@ -186,7 +170,7 @@ class Core(nn.Module):
     def __init__(self, config: CoreConfig) -> None:
         super().__init__()
         self.config = config
-        d, c, e = config.width, config.cond_width, config.text_dim
+        d, c, e = config.width, config.width, config.text_dim
         self.logsnr_mlp = nn.Sequential(Linear(config.fourier_dim, c), nn.SiLU(), Linear(c, c))
         self.pooled_mlp = nn.Sequential(Linear(e, c), nn.SiLU(), Linear(c, c))
         self.null_pooled = nn.Parameter(torch.zeros(e))
@@ -239,7 +223,7 @@ class Core(nn.Module):
         pooled = torch.where(use_null[:, None], self.null_pooled, text_pooled.to(dtype))
         # fourier(λ) = [cos ωλ, sin ωλ], ω geometric in [1/128, 2] (ours; λ spans about ±20)
         lam = fourier_features(logsnr, self.config.fourier_dim, 1 / 128, 2.0).to(dtype)
-        # c = MLP(fourier(λ)) + MLP(pooled text)  (DESIGN: Architecture)
+        # c = MLP(fourier(λ)) + MLP(pooled text)  (docs/method.md, Model)
         c = self.logsnr_mlp(lam) + self.pooled_mlp(pooled)
         text = self.text_norm(self.text_proj(tokens))
         null = self.null_text.to(text.dtype).expand(b, -1, -1)

@@ -10,11 +10,10 @@ are safe under bf16 autocast.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -145,20 +144,3 @@ def checkpointed(fn: Any, enabled: bool, *args: Any) -> Any:
     if enabled and torch.is_grad_enabled():
         return checkpoint(fn, *args, use_reentrant=False)
     return fn(*args)
-
-
-C = TypeVar("C")
-
-
-def config_from_dict(cls: type[C], data: dict[str, Any]) -> C:
-    """Build the frozen config dataclass `cls` from a dict; lists become tuples.
-
-    Unknown keys are an error naming them, so a typo in a saved config never goes unseen.
-    """
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(
-            f"{cls.__name__}.from_dict: unknown keys {unknown}; known keys are {sorted(names)}"
-        )
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})

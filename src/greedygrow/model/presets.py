@@ -2,7 +2,7 @@
 
 Cores: `cpu-*` train on a laptop CPU (`cpu-tiny`: a batch-32 training step at 64 px takes
 about 0.85 CPU-seconds, an estimated half second on 2 idle cores; `cpu-small` is the
-192-wide, 6-block model of DESIGN's CPU measurements; docs/performance.md has the figures);
+192-wide, 6-block model measured in docs/performance.md);
 `paper-*` are about 0.5B, 2B and 8B parameters like the paper's models (their widths and
 depths are ours; the paper does not publish them). Shells come in families: a family fixes
 the channel width and block count of each level by its size relative to the grid (level k
@@ -81,13 +81,14 @@ def shell_preset(
             "blocks": (fam.shallow_blocks,),
         }
     else:
-        levels = max(resolution // grid, 1).bit_length() - 1
-        if levels > len(fam.channels):
+        reachable = [grid * 2**k for k in range(1, len(fam.channels) + 1)]
+        if resolution not in reachable:
             raise ValueError(
-                f"shell family {family!r} has {len(fam.channels)} levels, so its grown shells "
-                f"reach at most {grid * 2 ** len(fam.channels)} px at grid {grid}; "
-                f"{resolution} px needs {levels}"
+                f"shell family {family!r} grows a {grid}×{grid} core to "
+                f"{', '.join(map(str, reachable))} px (they reach at most {reachable[-1]} px); "
+                f"{resolution} px is not one of them"
             )
+        levels = reachable.index(resolution) + 1
         fields = {"channels": fam.channels[:levels][::-1], "blocks": fam.blocks[:levels][::-1]}
     fields.update(kind=kind, resolution=resolution, grid=grid, norm_groups=fam.norm_groups)
     fields.update(overrides)

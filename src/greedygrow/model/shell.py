@@ -1,6 +1,6 @@
 """The convolutional shell around the core: R×R pixels ↔ G×G×D tokens.
 
-Two kinds (DESIGN: Architecture). *shallow*: a patchify entry conv of stride R/G, ResBlocks
+Two kinds (docs/method.md, Model). *shallow*: a patchify entry conv of stride R/G, ResBlocks
 at G×G, a 1×1 conv to the core width D; on the way out a 1×1 conv, ResBlocks, and a conv +
 depth-to-space back to R×R. *grown*: a U-Net encoder with one level per resolution from R
 down to 2G (ResBlocks, then space-to-depth + 1×1 conv halving the resolution), a 1×1 conv to
@@ -10,15 +10,14 @@ the encoder's output of the same level as a skip connection.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from greedygrow.model.layers import Conv2d, GroupNorm, Linear, checkpointed, config_from_dict
+from greedygrow.fields import DictSpec
+from greedygrow.model.layers import Conv2d, GroupNorm, Linear, checkpointed
 
 IMAGE_CHANNELS = 3
 
@@ -28,7 +27,7 @@ def _is_power_of_two(n: int) -> bool:
 
 
 @dataclass(frozen=True)
-class ShellConfig:
+class ShellConfig(DictSpec):
     """Shape of a shell.
 
     `channels` and `blocks` have one entry per level, listed from the image resolution R
@@ -55,11 +54,7 @@ class ShellConfig:
                 raise ValueError(f"{where}: {name} must be a positive int, got {value!r}")
         ratio = self.resolution // self.grid
         if self.resolution % self.grid or not _is_power_of_two(ratio):
-            reachable = ", ".join(str(self.grid * 2**k) for k in range(7))
-            raise ValueError(
-                f"{where}: the resolution must be the grid times a power of two "
-                f"(reachable: {reachable}, ...)"
-            )
+            raise ValueError(f"{where}: the resolution must be the grid times a power of two")
         if self.kind == "grown" and ratio < 2:
             raise ValueError(
                 f"{where}: a grown shell needs resolution ≥ 2 × grid (at least one level); "
@@ -99,13 +94,6 @@ class ShellConfig:
             return (self.grid,)
         return tuple(self.resolution >> i for i in range(self.levels))
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ShellConfig:
-        return config_from_dict(cls, data)
-
 
 class ResBlock(nn.Module):
     """GroupNorm → SiLU → conv3×3 → GroupNorm·(1+scale)+shift → SiLU → dropout → conv3×3,
@@ -137,9 +125,10 @@ class ResBlock(nn.Module):
 
 
 class Shell(nn.Module):
-    """Encoder (pixels → [B, D, G, G]) and decoder ([B, D, G, G] → pixels) of a UViT."""
+    """Encoder (pixels → [B, D, G, G]) and decoder ([B, D, G, G] → pixels) of a UViT; its
+    ResBlocks take the core's conditioning vector, of the core's width D."""
 
-    def __init__(self, config: ShellConfig, width: int, cond_dim: int) -> None:
+    def __init__(self, config: ShellConfig, width: int) -> None:
         super().__init__()
         self.config = config
         grown = config.kind == "grown"
@@ -151,7 +140,7 @@ class Shell(nn.Module):
 
         def level(c_first: int, i: int) -> nn.ModuleList:
             return nn.ModuleList(
-                ResBlock(c_first if j == 0 else ch[i], ch[i], cond_dim, groups, drops[i])
+                ResBlock(c_first if j == 0 else ch[i], ch[i], width, groups, drops[i])
                 for j in range(config.blocks[i])
             )
 

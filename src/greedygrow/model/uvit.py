@@ -1,7 +1,7 @@
 """UViT = shell.encoder → core → shell.decoder, plus parameter and FLOP counts.
 
 A Shallow-UViT is a UViT whose shell is shallow; growing builds a UViT with a grown shell
-from the same CoreConfig and loads `model.core`'s state dict (DESIGN: Architecture).
+from the same CoreConfig and loads `model.core`'s state dict (docs/method.md, Model).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class UViT(nn.Module):
                 f"({core_config.grid}); build the shell with grid={core_config.grid}"
             )
         self.core = Core(core_config)
-        self.shell = Shell(shell_config, core_config.width, core_config.cond_width)
+        self.shell = Shell(shell_config, core_config.width)
 
     @property
     def core_config(self) -> CoreConfig:
@@ -50,52 +50,17 @@ class UViT(nn.Module):
         """v̂ for noisy images z [B,3,R,R] at log-SNR [B], given text tokens [B,T,E], mask
         [B,T] (True = real token), pooled text [B,E]; where drop_text [B] is True the sample
         uses the learned null text instead. Returns [B,3,R,R] in z's dtype."""
-        self._check_inputs(z, logsnr, text_tokens, text_mask, text_pooled, drop_text)
+        r = self.shell_config.resolution
+        if tuple(z.shape[1:]) != (IMAGE_CHANNELS, r, r):  # the layers would fail obscurely
+            raise ValueError(
+                f"UViT: z must be [B, 3, {r}, {r}] for this shell, got {list(z.shape)}"
+            )
         cond = self.core.embed(logsnr, text_tokens, text_mask, text_pooled, drop_text)
         h, skips = self.shell.encode(z.to(self.shell.entry.weight.dtype), cond.emb)
         b, d, g, _ = h.shape
         tokens = self.core(h.flatten(2).transpose(1, 2), cond)  # [B, G·G, D], row-major
         h = tokens.transpose(1, 2).reshape(b, d, g, g)
         return self.shell.decode(h, skips, cond.emb).to(z.dtype)
-
-    def _check_inputs(
-        self,
-        z: Tensor,
-        logsnr: Tensor,
-        text_tokens: Tensor,
-        text_mask: Tensor,
-        text_pooled: Tensor,
-        drop_text: Tensor | None,
-    ) -> None:
-        r, cc, b = self.shell_config.resolution, self.core_config, z.shape[0]
-        if z.ndim != 4 or tuple(z.shape[1:]) != (IMAGE_CHANNELS, r, r):
-            raise ValueError(
-                f"UViT: z must be [B, {IMAGE_CHANNELS}, {r}, {r}] for this {r} px shell, "
-                f"got {list(z.shape)}"
-            )
-        if text_tokens.ndim != 3 or tuple(text_tokens.shape[::2]) != (b, cc.text_dim):
-            raise ValueError(
-                f"UViT: text_tokens must be [B={b}, T, E={cc.text_dim}] (E = the core's "
-                f"text_dim), got {list(text_tokens.shape)}"
-            )
-        t = text_tokens.shape[1]
-        if t > cc.text_len:
-            raise ValueError(
-                f"UViT: {t} text tokens exceed the core's text_len {cc.text_len}; truncate "
-                "captions in the text encoder (max_length)"
-            )
-        expected = [
-            ("logsnr", logsnr, (b,)),
-            ("text_mask", text_mask, (b, t)),
-            ("text_pooled", text_pooled, (b, cc.text_dim)),
-        ]
-        if drop_text is not None:
-            expected.append(("drop_text", drop_text, (b,)))
-        for name, tensor, shape in expected:
-            if tuple(tensor.shape) != shape:
-                raise ValueError(
-                    f"UViT: {name} must have shape {list(shape)}, got {list(tensor.shape)}"
-                )
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Recompute activations of every core block and shell ResBlock in the backward."""
@@ -121,7 +86,7 @@ def count_flops(core_config: CoreConfig, shell_config: ShellConfig) -> dict[str,
     reported by the layers while a batch of one (with text_len text tokens) runs through
     meta-device twins (no memory, no arithmetic)."""
     core = _core_flops(core_config)
-    shell = _shell_flops(shell_config, core_config.width, core_config.cond_width)
+    shell = _shell_flops(shell_config, core_config.width)
     return {"core": core, "shell": shell, "total": core + shell}
 
 
@@ -143,11 +108,11 @@ def _core_flops(core_config: CoreConfig) -> int:
 
 
 @functools.cache
-def _shell_flops(shell_config: ShellConfig, width: int, cond_width: int) -> int:
+def _shell_flops(shell_config: ShellConfig, width: int) -> int:
     r = shell_config.resolution
     with torch.device("meta"):
-        shell = Shell(shell_config, width, cond_width)
-        z, emb = torch.zeros(1, IMAGE_CHANNELS, r, r), torch.zeros(1, cond_width)
+        shell = Shell(shell_config, width)
+        z, emb = torch.zeros(1, IMAGE_CHANNELS, r, r), torch.zeros(1, width)
     with torch.no_grad(), flop_counter() as counter:
         shell.decode(*shell.encode(z, emb), emb)
     return counter.flops

@@ -1,0 +1,67 @@
+"""The training order: which samples each rank reads at each step, as a function of (seed,
+global position) alone, so a resumed run, or one on another number of processes, reads the same
+samples as an uninterrupted single-process run."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
+
+from greedygrow.data.split import mix_seed
+
+
+class StepSampler(Sampler[list[int]]):
+    """This rank's indices for each step from `start`: global position p = step·B + j reads
+    index perm_e[p mod N], perm_e a permutation seeded by (seed, epoch e = p // N)."""
+
+    def __init__(
+        self, n: int, global_batch: int, rank: int, world: int, seed: int, start: int
+    ) -> None:
+        self.n, self.b, self.seed = n, global_batch, seed
+        self.local = global_batch // world
+        self.offset = rank * self.local
+        self.start = start
+        self._perm: tuple[int, torch.Tensor] | None = None
+
+    def _index(self, p: int) -> int:
+        epoch = p // self.n
+        if self._perm is None or self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, 2))
+            self._perm = (epoch, torch.randperm(self.n, generator=g))
+        return int(self._perm[1][p % self.n])
+
+    def __iter__(self) -> Iterator[list[int]]:
+        # endless: a batch that fails to decode entirely is passed over (see `step_batches`)
+        for s in itertools.count(self.start):
+            base = s * self.b + self.offset
+            yield [self._index(base + j) for j in range(self.local)]
+
+
+def step_batches(
+    dataset: Dataset | IterableDataset,
+    global_batch: int,
+    rank: int,
+    world: int,
+    seed: int,
+    start: int,
+    workers: int = 0,
+    pin_memory: bool = False,
+) -> Iterator[dict]:
+    """Endless batches of this rank's share of each step from `start`.
+
+    A map-style data set is read in `StepSampler` order; a batch none of whose images decode is
+    passed over (the data set counts and warns). A stream (webdataset) splits itself over ranks
+    and workers; a resumed run continues with a fresh stream seeded by the step.
+    """
+    kw = {"num_workers": workers, "pin_memory": pin_memory, "persistent_workers": workers > 0}
+    local = global_batch // world
+    if isinstance(dataset, IterableDataset):
+        dataset.set_epoch(start)
+        return iter(DataLoader(dataset, batch_size=local, **kw))
+    sampler = StepSampler(len(dataset), global_batch, rank, world, seed, start)
+    collate = getattr(dataset, "collate_fn", None)  # drops images that fail to decode
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, **kw)
+    return (batch for batch in loader if batch is not None)

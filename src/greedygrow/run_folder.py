@@ -1,0 +1,156 @@
+"""A training run's folder (docs/training.md, The run folder): its config, checkpoints and
+exports, metrics log, TensorBoard and sample grids. Written by rank 0 only."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from greedygrow.atomic import atomic_write, atomic_write_text
+from greedygrow.checkpoint import export_model, save_state
+from greedygrow.config import (
+    Config,
+    ConfigError,
+    config_diff,
+    default_freeze_steps,
+    read_config,
+    save_config,
+    to_dict,
+)
+from greedygrow.diffusion import Schedule
+from greedygrow.model import CoreConfig, ShellConfig
+
+log = logging.getLogger(__name__)
+
+
+def check_resume(cfg: Config, run: Path) -> None:
+    """Refuse to resume a run folder whose config differs in a key that matters. The run's
+    unfreeze step is kept when the new one is only the default (a quarter of `run.steps`, which
+    may have grown), and stretching a cosine learning-rate schedule is warned about."""
+    path = run / "config.yaml"
+    if not path.is_file():
+        return
+    old = read_config(path)
+    grow = cfg.grow
+    default = grow.freeze_steps == default_freeze_steps(grow.mode, cfg.run.steps)
+    if cfg.phase == "grow" and default and grow.freeze_steps != old.grow.freeze_steps:
+        log.info(
+            "keeping grow.freeze_steps=%s of the run as first written (the default, a quarter "
+            "of run.steps, is fixed when a run starts)",
+            old.grow.freeze_steps,
+        )
+        grow.freeze_steps = old.grow.freeze_steps
+    if old.run.steps != cfg.run.steps and cfg.optim.schedule == "cosine":
+        log.warning(
+            "run.steps %d -> %d: the cosine learning-rate schedule is recomputed for the new "
+            "length, so the learning rate jumps at the resumed step",
+            old.run.steps,
+            cfg.run.steps,
+        )
+    diff = config_diff(old, cfg)
+    if diff:
+        raise ConfigError(
+            f"{run} holds a run with another config; differing keys:\n  "
+            + "\n  ".join(diff)
+            + "\nUse another --out folder, or the same settings to resume it."
+        )
+
+
+def write_config(cfg: Config, run: Path) -> None:
+    """RUN/config.yaml: the effective config."""
+    run.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run / "config.yaml")
+
+
+def export_meta(cfg: Config, schedule: Schedule, step: int) -> dict:
+    """What inference needs besides the weights (written to RUN/model.json)."""
+    return {
+        "text_encoder": cfg.data.text_encoder,
+        "text_max_length": cfg.data.text_max_length,
+        "resolution": cfg.model.resolution,
+        "schedule": schedule.to_dict(),
+        "guidance": cfg.run.sample_guidance,
+        "phase": cfg.phase,
+        "mode": cfg.grow.mode,
+        "step": step,
+    }
+
+
+def save_checkpoint(
+    run: Path,
+    cfg: Config,
+    step: int,
+    state: dict,
+    configs: tuple[CoreConfig, ShellConfig],
+    schedule: Schedule,
+) -> None:
+    """The training state (`state`: model, optimizer, EMA) and the EMA and raw exports."""
+    save_state(run, step, {"step": step, "config": to_dict(cfg), **state}, keep=cfg.run.keep)
+    meta = {**export_meta(cfg, schedule, step), "core": configs[0].to_dict()}
+    meta["shell"] = configs[1].to_dict()
+    export_model(run, state["ema"], meta, name="model")
+    export_model(run, state["model"], meta, name="model-raw")
+
+
+class RunLogger:
+    """Rank 0's outputs: progress bar, RUN/metrics.jsonl, TensorBoard, sample grids."""
+
+    def __init__(self, cfg: Config, run: Path, start: int) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm.auto import tqdm
+
+        self.metrics = run / "metrics.jsonl"
+        truncate_metrics(self.metrics, start)
+        self.tb = SummaryWriter(str(run / "tb"), purge_step=start or None)
+        self.samples = run / "samples"
+        self.bar = tqdm(
+            total=cfg.run.steps,
+            initial=start,
+            disable=not cfg.run.progress,
+            desc=f"{cfg.phase} {cfg.model.resolution}px",
+            unit="step",
+            dynamic_ncols=True,
+        )
+        self.last = start
+
+    def log(self, step: int, values: dict) -> None:
+        """One metrics line, TensorBoard scalars, and the progress bar."""
+        with self.metrics.open("a") as f:
+            f.write(json.dumps({"step": step, **values, "time": time.time()}) + "\n")
+        for k, v in values.items():
+            self.tb.add_scalar(f"train/{k}", float(v), step)
+        self.bar.set_postfix(
+            loss=f"{values['loss']:.4f}", img_s=f"{values['images_per_s']:.1f}", refresh=False
+        )
+        self.bar.update(step - self.last)
+        self.last = step
+
+    def grid(self, step: int, grid: Image.Image) -> None:
+        """RUN/samples/step-XXXXXXX.png and the same grid in TensorBoard."""
+        atomic_write(self.samples / f"step-{step:07d}.png", lambda f: grid.save(f, format="PNG"))
+        pixels = np.asarray(grid.convert("RGB")).copy()
+        self.tb.add_image("samples", torch.from_numpy(pixels).permute(2, 0, 1), step)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.tb.close()
+
+
+def truncate_metrics(path: Path, start: int) -> None:
+    """Drop log lines past `start` (written by an attempt that died before its checkpoint)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= start:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):  # a line half-written by a kill
+            continue
+    atomic_write_text(path, "".join(ln + "\n" for ln in keep))

@@ -1,0 +1,168 @@
+"""What a training run updates: the model, its EMA and its AdamW optimizer, wrapped for DDP or
+sharded with FSDP2, with the core frozen or trained as the grow mode says."""
+
+from __future__ import annotations
+
+import gc
+
+import torch
+from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from greedygrow.config import Config, core_config, shell_config
+from greedygrow.distributed import Env, barrier, shard
+from greedygrow.grow import freeze_core, grow, unfreeze_core
+from greedygrow.model import UViT
+
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+# rank 0 holds a full state dict, the others an empty one; each rank keeps its own shards
+FROM_RANK0 = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+
+
+class Trainable:
+    """The model being trained, its EMA, its optimizer, and how it is wrapped (DDP/FSDP2)."""
+
+    def __init__(self, cfg: Config, env: Env, step: int, state: dict | None) -> None:
+        """`state`: the full training state to resume from at `step` > 0. Under FSDP2 only rank
+        0 has it (the others pass None) and every rank receives its shards by broadcast."""
+        self.cfg, self.env = cfg, env
+        self.core_cfg, self.shell_cfg = core_config(cfg), shell_config(cfg)
+        self.fsdp = cfg.run.parallel == "fsdp" and env.world > 1
+        self.core_frozen = cfg.grow.core_frozen_at(step)
+        self.model = self._build(step)
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.model, cfg, core=not self.core_frozen),
+            lr=cfg.optim.lr,
+            betas=tuple(cfg.optim.betas),
+            weight_decay=cfg.optim.weight_decay,
+        )
+        if step > 0:
+            state = state or {"model": {}, "optimizer": {}, "ema": {}}  # FSDP2, rank > 0
+            options = FROM_RANK0 if self.fsdp else FULL
+            set_model_state_dict(self.model, state["model"], options=options)
+            set_optimizer_state_dict(
+                self.model, self.optimizer, state["optimizer"], options=options
+            )
+            set_model_state_dict(self.ema, state["ema"], options=options)
+        self._wrap()
+
+    def _build(self, step: int) -> UViT:
+        """The model (grown from the phase-1 core at step 0 of phase 2) and its EMA. Under FSDP2
+        only rank 0 materialises initial weights (on CPU); every rank shards meta-device twins
+        and receives rank 0's weights by broadcast, so no device ever holds the full model."""
+        cfg, env = self.cfg, self.env
+        real = not self.fsdp or (env.main and step == 0)
+        torch.manual_seed(cfg.run.seed)  # the same initialisation on every rank
+        with torch.device("cpu" if real else "meta"):
+            if real and step == 0 and cfg.phase == "grow":
+                source = None if cfg.grow.mode == "scratch" else cfg.grow.core
+                model = grow(source, self.core_cfg, self.shell_cfg, cfg.grow.mode)
+            else:
+                model = UViT(self.core_cfg, self.shell_cfg)
+        if not self.fsdp:
+            self._prepare(model).to(env.device)
+            self.ema = UViT(self.core_cfg, self.shell_cfg).to(env.device)
+            self.ema.load_state_dict(model.state_dict())
+            self.ema.requires_grad_(False).eval()
+            return model
+        initial = model.state_dict() if real else {}  # what rank 0 broadcasts
+        with torch.device("meta"):
+            model = UViT(self.core_cfg, self.shell_cfg)
+            self.ema = UViT(self.core_cfg, self.shell_cfg).requires_grad_(False).eval()
+        shard(self._prepare(model), bf16=cfg.run.precision == "bf16")
+        shard(self.ema, bf16=False)
+        for target in (model, self.ema):
+            target.to_empty(device=env.device)
+            if step == 0:  # (the loader rewrites the dict it gets)
+                set_model_state_dict(target, dict(initial), options=FROM_RANK0)
+        return model
+
+    def _prepare(self, model: UViT) -> UViT:
+        """Train mode, gradient checkpointing, and the core frozen if the mode says so."""
+        model.train().set_gradient_checkpointing(self.cfg.model.gradient_checkpointing)
+        if self.core_frozen:
+            freeze_core(model)
+        return model
+
+    def _wrap(self) -> None:
+        forward: nn.Module = self.model
+        if self.env.world > 1 and not self.fsdp:
+            ids = [self.env.device.index] if self.env.device.type == "cuda" else None
+            forward = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.forward = torch.compile(forward) if self.cfg.model.compile else forward
+
+    def unfreeze_core(self) -> None:
+        """Train the core from now on (unfreeze mode): its parameters join the optimizer."""
+        unfreeze_core(self.model)
+        for group in param_groups(self.model, self.cfg, core=True, shell=False):
+            self.optimizer.add_param_group(group)
+        self.core_frozen = False
+        # DDP registers only the parameters that require grad at construction: wrap anew, after
+        # the old wrapper (and its gradient hooks, and any graph compiled around it) is gone
+        self.forward = self.model
+        if self.cfg.model.compile:
+            torch._dynamo.reset()
+        gc.collect()
+        barrier(self.env)
+        self._wrap()
+
+    def optimizer_step(self, loss: Tensor) -> Tensor:
+        """Backward, clip to optim.grad_clip (0: no clipping), AdamW step; the gradient norm,
+        left on the device (no host sync)."""
+        loss.backward()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        clip = self.cfg.optim.grad_clip or float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    @torch.no_grad()
+    def update_ema(self, decay: float) -> None:
+        """ema ← ema + (1 − decay)(θ − ema) for trained θ; a frozen core's EMA already equals it."""
+        pairs = [
+            (_local(e), _local(p))
+            for e, p in zip(self.ema.parameters(), self.model.parameters(), strict=True)
+            if p.requires_grad
+        ]
+        ema, current = zip(*pairs, strict=True)
+        torch._foreach_lerp_(list(ema), list(current), 1.0 - decay)
+
+    def full_state(self) -> dict:
+        """Full (unsharded) CPU state dicts of model, EMA and optimizer; collective."""
+        model, optim = get_state_dict(self.model, self.optimizer, options=FULL)
+        return {
+            "model": model,
+            "optimizer": optim,
+            "ema": get_model_state_dict(self.ema, options=FULL),
+        }
+
+
+def _local(p: Tensor) -> Tensor:
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
+def param_groups(model: UViT, cfg: Config, core: bool, shell: bool = True) -> list[dict]:
+    """AdamW groups: shell then core, each split into decayed (matrices) and not (the rest)."""
+    core_ids = {id(p) for p in model.core.parameters()}
+    # the multiplier slows a phase-1 core that goes on training; a core being learned (phase 1,
+    # scratch) trains at the shell's rate
+    trained_on = cfg.grow.mode in ("unfreeze", "joint")
+    core_mult = cfg.optim.core_lr_multiplier if trained_on else 1.0
+    groups = []
+    for name, wanted, mult in (("shell", shell, 1.0), ("core", core, core_mult)):
+        params = [p for p in model.parameters() if (id(p) in core_ids) == (name == "core")]
+        for decay in (True, False):
+            chosen = [p for p in params if (p.ndim >= 2) == decay]
+            if wanted and chosen:
+                weight_decay = cfg.optim.weight_decay if decay else 0.0
+                groups.append(
+                    {"params": chosen, "name": name, "lr_mult": mult, "weight_decay": weight_decay}
+                )
+    return groups
