@@ -16,11 +16,11 @@ import platform
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from greedygrow.data.draw import render_array
-from greedygrow.data.scenes import ScenesDataset, ScenesStream, sample_scene
+from greedygrow.data.scenes import ScenesDataset, ScenesStream, render, sample_scene
 
 
 def rate(fn: Callable[[int], object], seconds: float, min_calls: int = 3) -> tuple[float, float]:
@@ -68,7 +68,7 @@ def main() -> None:
     }
     for res, min_native, batch in ((64, 0, 32), (512, 512, 8)):
         results[f"render_{res}px"] = rate(
-            lambda i, r=res: render_array(scenes[i % 512], r), seconds
+            lambda i, r=res: np.asarray(render(scenes[i % 512], r)), seconds
         )
         ds = ScenesDataset(200_000, res, seed=0, min_native=min_native)
         results[f"item_{res}px_min{min_native}"] = rate(lambda i, d=ds: d[i % len(d)], seconds)

@@ -14,7 +14,8 @@ import time
 import torch
 
 from greedygrow.data.scenes import sample_scene
-from greedygrow.text import CachedTextEncoder, load_text_encoder
+from greedygrow.text import load_text_encoder
+from greedygrow.text_cache import CachedTextEncoder
 
 
 def main() -> None:

@@ -47,7 +47,8 @@ def worker(args: argparse.Namespace) -> None:
     from greedygrow.config import grow_config, train_core_config
     from greedygrow.diffusion import schedule_for
     from greedygrow.distributed import init_distributed
-    from greedygrow.text import CachedTextEncoder, load_text_encoder
+    from greedygrow.text import load_text_encoder
+    from greedygrow.text_cache import CachedTextEncoder
     from greedygrow.train import _batches, _ema_decay, _loss, _set_lr
     from greedygrow.trainable import Trainable
 

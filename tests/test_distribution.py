@@ -276,7 +276,7 @@ def test_metrics_end_to_end_with_random_networks_and_cached_references(tmp_path)
 
     ext = Extractors(inception=TinyConvFeatures(), dinov2=tiny_dino(), clip=tiny_clip())
     prompts = [f"a red circle number {i}" for i in range(24)]
-    kw = dict(references=references, reference_id="toy-refs", cache_dir=tmp_path, batch_size=8)
+    kw = dict(references=("toy-refs", references), cache_dir=tmp_path, batch_size=8)
     m_same = distribution_metrics(same, prompts, ext, **kw)
     m_shift = distribution_metrics(shifted, prompts, ext, **kw)
     assert set(m_same) == {"fid", "fd_dinov2", "cmmd", "clip_score"}

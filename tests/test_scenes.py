@@ -11,7 +11,6 @@ import torch
 from PIL import Image
 
 from greedygrow.cli import main as cli_main
-from greedygrow.data.draw import render_array
 from greedygrow.data.scenes import (
     ATTRIBUTES,
     BACKGROUNDS,
@@ -48,7 +47,7 @@ def test_same_seed_and_index_give_identical_pixels_and_caption():
     for index in (0, 7, 123):
         a, b = sample_scene(3, index), sample_scene(3, index)
         assert a == b
-        assert np.array_equal(render_array(a, 96), render_array(b, 96))
+        assert np.array_equal(np.asarray(render(a, 96)), np.asarray(render(b, 96)))
         ds = ScenesDataset(200, 48, seed=3)
         x, y = ds[index], ds[index]
         assert torch.equal(x["image"], y["image"]) and x["caption"] == y["caption"]
@@ -136,7 +135,7 @@ def test_objects_are_drawn_inside_their_boxes_and_fill_them(scenes):
     for s in scenes[:60]:
         if s.background.kind != "plain":
             continue
-        img = render_array(s, n).astype(int)
+        img = np.asarray(render(s, n)).astype(int)
         inside = np.zeros((n, n), dtype=bool)
         for o in s.objects:
             x0, y0, x1, y1 = (np.array(o.box) * n).tolist()
@@ -190,7 +189,7 @@ def test_json_round_trip_renders_identically(scenes):
     for s in scenes[:20]:
         t = Scene.from_json(s.to_json())
         assert t == s
-        assert np.array_equal(render_array(t, 64), render_array(s, 64))
+        assert np.array_equal(np.asarray(render(t, 64)), np.asarray(render(s, 64)))
     d = json.loads(scenes[0].to_json())
     assert set(d) >= {"caption", "native_resolution", "background", "objects", "groups"}
     assert set(d["objects"][0]) >= {"color", "shape", "attribute", "box"}

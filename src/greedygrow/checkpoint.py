@@ -1,4 +1,4 @@
-"""Run folders: atomic writes, training states (resume), safetensors export and strict loading.
+"""Training states (resume), safetensors exports of weights + meta, and strict loading.
 
 Layout of a run folder (docs/training.md, The run folder)::
 
@@ -120,17 +120,10 @@ def list_states(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
 
 def save_state(run_dir: str | os.PathLike, step: int, state: dict, keep: int = 3) -> Path:
     """Atomically save a training state as ``RUN/state/step-XXXXXXXX.pt``; keep the last ``keep``.
-
-    ``state`` holds tensors, numbers, strings and nested dicts/lists only (model, EMA,
-    optimizer and scheduler state dicts, step, RNG states as tensors, data position, config
-    dict), so that it loads back with ``torch.load(weights_only=True)``.
-    """
+    ``state`` must load back with ``torch.load(weights_only=True)``: tensors, numbers, strings
+    and nested dicts/lists only, which is checked before anything is written."""
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise ValueError(f"save_state: step must be an int >= 0, got {step!r}")
-    if keep < 1:
-        raise ValueError(f"save_state: keep must be >= 1 (states to keep), got {keep}")
-    if not isinstance(state, dict):
-        raise TypeError(f"save_state: state must be a dict, got {type(state).__name__}")
     _check_loadable(state, "state")
     path = state_path(run_dir, step)
     atomic_write(path, lambda f: torch.save(state, f))
@@ -144,11 +137,8 @@ def save_state(run_dir: str | os.PathLike, step: int, state: dict, keep: int = 3
 def load_latest_state(
     run_dir: str | os.PathLike, map_location: str | torch.device | None = "cpu"
 ) -> tuple[int, dict] | None:
-    """The newest readable training state as (step, state), or None if the run has none.
-
-    A state that cannot be read (truncated, corrupt) is skipped with a warning naming the
-    file and the error, and the one before it is tried.
-    """
+    """The newest readable training state as (step, state), or None if the run has none; an
+    unreadable one (truncated, corrupt) is skipped with a warning naming it and the error."""
     for step, path in reversed(list_states(run_dir)):
         try:
             state = torch.load(path, map_location=map_location, weights_only=True)
@@ -158,13 +148,6 @@ def load_latest_state(
                 path,
                 type(e).__name__,
                 e,
-            )
-            continue
-        if not isinstance(state, dict):
-            log.warning(
-                "training state %s holds a %s, not a dict; falling back to the one before it",
-                path,
-                type(state).__name__,
             )
             continue
         return step, state

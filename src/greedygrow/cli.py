@@ -129,51 +129,20 @@ def _add_encode_text(p: argparse.ArgumentParser) -> None:
 
 
 def _run_encode_text(args: argparse.Namespace) -> int:
-    import glob
     import itertools
-    import os
     import time
 
-    from greedygrow.data import make_dataset, sample_scene
-    from greedygrow.text import CachedTextEncoder, load_text_encoder
+    from greedygrow.data import captions
+    from greedygrow.text import load_text_encoder
+    from greedygrow.text_cache import CachedTextEncoder
 
-    spec = args.data
-    source, _, rest = spec.partition(":")
-    if source == "scenes":
-        if not rest.isdigit() or int(rest) < 1:
-            raise ValueError(f"--data {spec!r}: scenes need a count, e.g. scenes:10000")
-        dataset = make_dataset("scenes", None, 32, train=False, seed=args.seed, count=int(rest))
-        # captions only: scene i's caption needs no rendering
-        captions = (sample_scene(dataset.seed, int(i)).caption for i in dataset.indices)
-    else:
-        if source in ("folder", "webdataset") and rest:
-            path = rest
-        else:
-            path = spec
-            tars = glob.glob(os.path.join(path, "*.tar")) if os.path.isdir(path) else []
-            source = "webdataset" if tars or ".tar" in path else "folder"
-            if source == "folder" and not os.path.isdir(path):
-                raise ValueError(
-                    f"--data {spec!r} is neither scenes:COUNT, a folder, nor "
-                    "webdataset shards (a .tar pattern such as data/{00000..00009}.tar)"
-                )
-        dataset = make_dataset(source, path, 32, train=False, seed=args.seed)
-        if source == "folder":  # captions were read while indexing: no image decoding
-            captions = (item.caption for item in dataset.items)
-        else:
-            import torch
-
-            loader = torch.utils.data.DataLoader(
-                dataset, batch_size=None, num_workers=args.workers, collate_fn=None
-            )
-            captions = (item["caption"] for item in loader if item is not None)
-
+    texts = captions(args.data, args.seed, args.workers)
     encoder = load_text_encoder(
         args.encoder, max_length=args.max_length, device=args.device, batch_size=args.batch_size
     )
     total, start = 0, time.perf_counter()
     with CachedTextEncoder(encoder, args.cache, shard_size=4096) as cached:
-        while chunk := list(itertools.islice(captions, 4096)):
+        while chunk := list(itertools.islice(texts, 4096)):
             cached.encode(chunk)
             total += len(chunk)
             print(f"\r{total} captions, {cached.misses} encoded", end="", file=sys.stderr)

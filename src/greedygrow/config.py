@@ -11,6 +11,7 @@ when a run is resumed (they do not change what is learned).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -231,24 +232,6 @@ def load_config(
     return OmegaConf.to_object(cfg)
 
 
-def user_keys(config_file: str | Path | None, overrides: list[str] | tuple[str, ...]) -> set[str]:
-    """The dotted keys the user set explicitly in `config_file` and `overrides`."""
-    given = [OmegaConf.from_dotlist(list(overrides))]
-    if config_file is not None:
-        given.append(_load_yaml(config_file))
-    return {key for node in given for key in _dotted_keys(OmegaConf.to_container(node) or {})}
-
-
-def _dotted_keys(d: dict, prefix: str = "") -> list[str]:
-    """Every key of nested dicts, dotted, parents included."""
-    keys = []
-    for k, v in d.items():
-        keys.append(f"{prefix}{k}")
-        if isinstance(v, dict):
-            keys += _dotted_keys(v, f"{prefix}{k}.")
-    return keys
-
-
 def to_dict(cfg: Config) -> dict:
     """The config as plain nested dicts/lists (YAML- and JSON-safe)."""
     return OmegaConf.to_container(OmegaConf.structured(cfg))
@@ -328,13 +311,7 @@ def shell_config(cfg: Config) -> ShellConfig:
 
 def resolve(cfg: Config) -> Config:
     """Fill the automatic (None) values from the phase and resolution; returns a new Config."""
-    cfg = dataclasses.replace(
-        cfg,
-        data=dataclasses.replace(cfg.data),
-        grow=dataclasses.replace(cfg.grow),
-        run=dataclasses.replace(cfg.run),
-        diffusion=dataclasses.replace(cfg.diffusion),
-    )
+    cfg = copy.deepcopy(cfg)
     if cfg.diffusion.schedule is None and cfg.model.resolution > 0:
         # the schedule shift follows the resolution (docs/method.md, Diffusion; simple diffusion)
         cfg.diffusion.schedule = schedule_for(cfg.model.resolution).kind
@@ -463,8 +440,9 @@ def grow_config(
     config_file: str | None = None,
     overrides: list[str] | tuple = (),
 ) -> Config:
-    """Phase 2's config. The core's preset and text encoder come from the phase-1 run unless
-    set explicitly; then YAML ← key=value ← the --resolution/--mode/--freeze-steps flags."""
+    """Phase 2's config: the core's preset and text encoder from the phase-1 run ← YAML ←
+    key=value (model.core_overrides field by field) ← the --resolution/--mode/--freeze-steps
+    flags."""
     inherited: dict = {}
     flags = [f"model.resolution={resolution}", f"grow.mode={mode}"]
     if core is not None:
@@ -474,11 +452,10 @@ def grow_config(
                 f"--core {core}: no config.yaml there; point --core at a "
                 "phase-1 run folder written by `greedygrow train-core`"
             )
-        phase1, user = read_config(source), user_keys(config_file, overrides)
+        phase1 = read_config(source)
         for key in INHERITED_KEYS:
-            if key not in user:
-                section, name = key.split(".")
-                inherited.setdefault(section, {})[name] = _value(phase1, key)
+            section, name = key.split(".")
+            inherited.setdefault(section, {})[name] = _value(phase1, key)
         flags.append(f"grow.core={Path(core).resolve()}")
     if freeze_steps is not None:
         flags.append(f"grow.freeze_steps={freeze_steps}")

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from greedygrow.fields import DictSpec
+from greedygrow.fields import DictSpec, check_positive_ints
 
 SCHEDULE_KINDS = ("cosine", "shifted", "interpolated")
 WEIGHTINGS = ("v_mse", "sigmoid", "min_snr")
@@ -49,9 +49,7 @@ class Schedule(DictSpec):
     def __post_init__(self) -> None:
         if self.kind not in SCHEDULE_KINDS:
             raise ValueError(f"Schedule.kind={self.kind!r}: choose one of {SCHEDULE_KINDS}")
-        for name in ("resolution", "base_resolution", "interp_lo", "interp_hi"):
-            if int(getattr(self, name)) <= 0:
-                raise ValueError(f"Schedule.{name}={getattr(self, name)} must be a positive int")
+        check_positive_ints(self, "Schedule")
         if not self.logsnr_min < self.logsnr_max:
             raise ValueError(
                 f"Schedule: logsnr_min={self.logsnr_min} must be below logsnr_max={self.logsnr_max}"
@@ -77,30 +75,11 @@ class Schedule(DictSpec):
         return lam.to(out_dtype)
 
     def dlogsnr_dt(self, t: Tensor | float) -> Tensor:
-        """dλ/dt (≤ 0) at t in [0, 1], analytic, float64; 0 where λ is clamped."""
-        t = torch.as_tensor(t).to(torch.float64)
-        d = self._cosine_slope(t)
-        if self.kind == "cosine":
-            return d
-        if self.kind == "shifted":
-            return self._shifted_slope(t, d, self.base_resolution)
-        # d/dt [t λ_lo + (1 − t) λ_hi] = λ_lo − λ_hi + t λ_lo' + (1 − t) λ_hi'  (product rule)
-        lo, hi = self._shifted(t, self.interp_lo), self._shifted(t, self.interp_hi)
-        d_lo = self._shifted_slope(t, d, self.interp_lo)
-        d_hi = self._shifted_slope(t, d, self.interp_hi)
-        return lo - hi + t * d_lo + (1 - t) * d_hi
-
-    def _cosine_slope(self, t: Tensor) -> Tensor:
-        # d/dt −2 log tan(u) = −2 (b − a) / (sin u cos u) = −4 (b − a) / sin 2u, u = a + t (b − a)
-        a = math.atan(math.exp(-0.5 * self.logsnr_max))
-        b = math.atan(math.exp(-0.5 * self.logsnr_min))
-        return -4.0 * (b - a) / torch.sin(2.0 * (a + t * (b - a)))
-
-    def _shifted_slope(self, t: Tensor, cosine_slope: Tensor, reference: int) -> Tensor:
-        # the shift is a constant: same slope as the cosine, 0 where the clamp holds
-        lam = self._cosine(t) + 2.0 * math.log(reference / self.resolution)
-        inside = (lam > self.logsnr_min) & (lam < self.logsnr_max)
-        return torch.where(inside, cosine_slope, torch.zeros_like(cosine_slope))
+        """dλ/dt (≤ 0) at t in [0, 1], float64, by autograd through `logsnr` (so it is exact for
+        every kind, and 0 where λ is clamped)."""
+        with torch.enable_grad():
+            t = torch.as_tensor(t, dtype=torch.float64).clone().requires_grad_(True)
+            return torch.autograd.grad(self.logsnr(t).sum(), t)[0]
 
     def _cosine(self, t: Tensor) -> Tensor:
         # λ(t) = −2 log tan(a + t (b − a)), a = atan(e^{−λmax/2}), b = atan(e^{−λmin/2})

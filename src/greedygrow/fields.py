@@ -24,6 +24,14 @@ def checked_fields(cls: type, data: dict[str, Any], where: str) -> dict[str, Any
     return {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
 
 
+def check_positive_ints(spec: Any, where: str) -> None:
+    """Raise ValueError unless every field of `spec` annotated `int` holds a positive int."""
+    for f in dataclasses.fields(spec):
+        value = getattr(spec, f.name)
+        if f.type in (int, "int") and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{where}: {f.name} must be a positive int, got {value!r}")
+
+
 class DictSpec:
     """Mixin for frozen dataclasses: `to_dict` and its strict inverse `from_dict`."""
 

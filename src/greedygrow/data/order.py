@@ -1,6 +1,5 @@
-"""The training order: which samples each rank reads at each step, as a function of (seed,
-global position) alone, so a resumed run, or one on another number of processes, reads the same
-samples as an uninterrupted single-process run."""
+"""The training order: each step's samples as a function of (seed, global position) alone, so
+a resumed run, or one on another number of processes, reads the same samples."""
 
 from __future__ import annotations
 
@@ -34,7 +33,6 @@ class StepSampler(Sampler[list[int]]):
         return int(self._perm[1][p % self.n])
 
     def __iter__(self) -> Iterator[list[int]]:
-        # endless: a batch that fails to decode entirely is passed over (see `step_batches`)
         for s in itertools.count(self.start):
             base = s * self.b + self.offset
             yield [self._index(base + j) for j in range(self.local)]
@@ -50,16 +48,13 @@ def step_batches(
     workers: int = 0,
     pin_memory: bool = False,
 ) -> Iterator[dict]:
-    """Endless batches of this rank's share of each step from `start`.
-
-    A map-style data set is read in `StepSampler` order; a batch none of whose images decode is
-    passed over (the data set counts and warns). A stream (webdataset) splits itself over ranks
-    and workers; a resumed run continues with a fresh stream seeded by the step.
-    """
+    """Endless batches of this rank's share of each step from `start`: `StepSampler` order
+    (a batch that decodes to nothing is passed over), or a stream seeded by the step."""
     kw = {"num_workers": workers, "pin_memory": pin_memory, "persistent_workers": workers > 0}
     local = global_batch // world
     if isinstance(dataset, IterableDataset):
-        dataset.set_epoch(start)
+        if hasattr(dataset, "set_epoch"):  # webdataset: a fresh stream seeded by the step
+            dataset.set_epoch(start)
         return iter(DataLoader(dataset, batch_size=local, **kw))
     sampler = StepSampler(len(dataset), global_batch, rank, world, seed, start)
     collate = getattr(dataset, "collate_fn", None)  # drops images that fail to decode

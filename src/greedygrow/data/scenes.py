@@ -1,16 +1,4 @@
-"""Scenes: procedural text–image pairs with ground truth, the embedded default data set.
-
-A scene is 1–5 objects (colour, shape, attribute) laid out without overlap on a light
-background, described by a caption made from templates, with a *native resolution* drawn from
-a web-like distribution. Everything is a pure function of ``(seed, index)``.
-
-Scenes are square: a native resolution N means an N×N image, so resizing the shorter side to R
-and cropping (random or centre) keeps every object whole and every ground-truth box exact.
-A data set image is the scene drawn at N and then resized to R like any real image
-(`render_native`), so an image of small native size is blurry when upsampled and the
-high-resolution-subset filter (`min_native`) behaves as it does on web data. Drawing lives in
-`greedygrow.data.draw`; the ground-truth schema is in docs/data.md.
-"""
+"""Scenes: procedural text–image pairs with ground truth, the default data set (docs/data.md)."""
 
 from __future__ import annotations
 
@@ -57,9 +45,7 @@ TEMPLATES: tuple[str, ...] = (
     "a flat graphic showing {objs}",
 )
 
-# Native resolution: log-uniform within octaves [lo, 2 lo) with these probabilities — most
-# images below 128 px, a few percent at 512 px or more (a long-tailed, web-like mix; the
-# 512 px subset is small, as the phase-2 filter expects).
+# Native resolution: log-uniform within octave [lo, 2 lo), drawn with these probabilities
 NATIVE_OCTAVES: tuple[int, ...] = (32, 64, 128, 256, 512)
 NATIVE_OCTAVE_PROBS: tuple[float, ...] = (0.30, 0.38, 0.20, 0.085, 0.035)
 NATIVE_MIN, NATIVE_MAX = 32, 1024
@@ -85,8 +71,7 @@ class Group:
 
 @dataclass(frozen=True)
 class SceneObject:
-    """One object; `box` = tight (x0, y0, x1, y1) in [0, 1] image fractions; `group` indexes
-    `Scene.groups`."""
+    """One object: its tight `box` (x0, y0, x1, y1) in image fractions, `group` its group."""
 
     color: str
     shape: str
@@ -182,9 +167,8 @@ def _check_object(o: dict[str, Any], i: int) -> None:
                 f"expected one of {sorted(allowed)}"
             )
     box = o.get("box")
-    if not (
-        isinstance(box, (list, tuple)) and len(box) == 4 and box[0] < box[2] and box[1] < box[3]
-    ):
+    ok = isinstance(box, (list, tuple)) and len(box) == 4 and box[0] < box[2] and box[1] < box[3]
+    if not ok:
         raise ValueError(f"scene ground truth: object {i} box {box!r} is not [x0, y0, x1, y1]")
 
 
@@ -194,10 +178,6 @@ def _groups(raw: list[dict[str, Any]] | None, objects: list[dict[str, Any]]) -> 
         return tuple(Group(g["color"], g["shape"], g["attribute"], int(g["count"])) for g in raw)
     counts = Counter((o["color"], o["shape"], o["attribute"]) for o in objects)
     return tuple(Group(*key, count=n) for key, n in counts.items())
-
-
-# ----------------------------------------------------------------------------------------------
-# Native resolution: a counter-based hash, vectorised, so filtering never samples or renders.
 
 
 def native_resolutions(seed: int, indices: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -223,10 +203,6 @@ def _check_seed(seed: int) -> None:
         raise ValueError(f"scenes seed must be an integer in [0, 2**60), got {seed!r}")
 
 
-# ----------------------------------------------------------------------------------------------
-# Sampling a scene.
-
-
 def sample_scene(seed: int, index: int) -> Scene:
     """The scene `(seed, index)`: deterministic, independent of any global RNG."""
     native = native_resolution(seed, index)
@@ -239,12 +215,8 @@ def sample_scene(seed: int, index: int) -> Scene:
     colors, probs = list(COLORS), np.array(ATTRIBUTE_WEIGHTS) / sum(ATTRIBUTE_WEIGHTS)
     for c in counts:
         while True:
-            g = Group(
-                colors[rng.integers(len(colors))],
-                SHAPES[rng.integers(len(SHAPES))],
-                ATTRIBUTES[rng.choice(len(ATTRIBUTES), p=probs)],
-                int(c),
-            )
+            color, shape = colors[rng.integers(len(colors))], SHAPES[rng.integers(len(SHAPES))]
+            g = Group(color, shape, ATTRIBUTES[rng.choice(len(ATTRIBUTES), p=probs)], int(c))
             keys = {_group_key(h) for h in groups}
             if (g.color, g.shape) not in HELD_OUT and _group_key(g) not in keys:
                 break
@@ -303,10 +275,6 @@ def _place(rng: np.random.Generator, groups: Sequence[Group]) -> tuple[SceneObje
     )
 
 
-# ----------------------------------------------------------------------------------------------
-# Captions.
-
-
 def _phrase(g: Group, one: str) -> str:
     words = [g.attribute] if g.attribute != "plain" else []
     words += [g.color, g.shape + ("s" if g.count > 1 else "")]
@@ -320,8 +288,7 @@ def _phrase(g: Group, one: str) -> str:
 
 
 def make_caption(groups: Sequence[Group], template: str, bg: Background, one: str = "a") -> str:
-    """Caption for `groups` from a template with {objs}, {bg}, {be}; counts as words, a single
-    object as "a"/"an" or, with `one`="one", as "one"."""
+    """Caption from a template with {objs}, {bg}, {be}; a single object is "a"/"an" or `one`."""
     phrases = [_phrase(g, one) for g in groups]
     objs = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
     bg_word = bg.name if bg.kind == "plain" else "shaded"
@@ -344,16 +311,9 @@ def parse_caption(caption: str) -> list[Group]:
     ]
 
 
-def make_scene(
-    groups: Sequence[Group],
-    seed: int = 0,
-    native_resolution: int = 256,
-    template: str = "{objs}",
-    background: str = "white",
-) -> Scene:
-    """A scene with the given groups (e.g. for evaluation prompts), laid out from `seed`."""
+def make_scene(groups: Sequence[Group], seed: int = 0, background: str = "white") -> Scene:
+    """A scene with the given groups (e.g. an evaluation prompt), laid out from `seed`, 256 px."""
     _check_seed(seed)
-    check_resolution(native_resolution, "native_resolution")
     if not 1 <= sum(g.count for g in groups) <= MAX_OBJECTS or any(g.count < 1 for g in groups):
         raise ValueError(
             f"a scene holds 1 to {MAX_OBJECTS} objects, got counts {[g.count for g in groups]}"
@@ -365,12 +325,7 @@ def make_scene(
     color = BACKGROUNDS[background]
     bg = Background("plain", background, color, color, 0.0)
     objects = _place(np.random.default_rng([seed, 0x6D616B65]), groups)
-    caption = make_caption(groups, template, bg)
-    return Scene(caption, native_resolution, bg, tuple(groups), objects, seed, None)
-
-
-# ----------------------------------------------------------------------------------------------
-# Data sets.
+    return Scene(make_caption(groups, "{objs}", bg), 256, bg, tuple(groups), objects, seed, None)
 
 
 def scene_key(seed: int, index: int) -> str:
@@ -389,7 +344,7 @@ def scene_item(seed: int, index: int, resolution: int) -> dict[str, Any]:
     }
 
 
-def _init(ds: Dataset, resolution: int, seed: int, min_native: int, train: bool) -> None:
+def _init(ds: Dataset, resolution: int, seed: int, min_native: int) -> None:
     """Check the arguments ScenesDataset and ScenesStream share, and set them on `ds`."""
     check_resolution(resolution)
     _check_seed(seed)
@@ -398,20 +353,16 @@ def _init(ds: Dataset, resolution: int, seed: int, min_native: int, train: bool)
             f"min_native must be an integer in [0, {NATIVE_MAX}] px (no scene is larger, so "
             f"none would pass), got {min_native!r}"
         )
-    ds.resolution, ds.seed, ds.min_native, ds.train = resolution, seed, min_native, train
+    ds.resolution, ds.seed, ds.min_native = resolution, seed, min_native
 
 
 class ScenesDataset(Dataset):
-    """Scenes 0..count−1 of `seed` (map-style); with `min_native`, only those whose native
-    resolution is at least that (the high-resolution subset). `train` is accepted for parity
-    with the real readers: scenes are square, so random and centre crops coincide."""
+    """Scenes 0..count−1 of `seed` whose native resolution is at least `min_native`."""
 
-    def __init__(
-        self, count: int, resolution: int, seed: int = 0, min_native: int = 0, train: bool = True
-    ) -> None:
+    def __init__(self, count: int, resolution: int, seed: int = 0, min_native: int = 0) -> None:
         if count < 1:
             raise ValueError(f"ScenesDataset count must be a positive integer, got {count!r}")
-        _init(self, resolution, seed, min_native, train)
+        _init(self, resolution, seed, min_native)
         self.total = int(count)
         self.indices = np.flatnonzero(native_resolutions(seed, np.arange(count)) >= min_native)
         if len(self.indices) == 0:
@@ -435,8 +386,7 @@ class ScenesDataset(Dataset):
 
 
 def shard_indices(seed: int, shard: int, shards: int, min_native: int = 0) -> Iterator[int]:
-    """Endless scene indices ≡ shard (mod shards) whose native resolution passes `min_native`:
-    disjoint across shards, together every passing index exactly once."""
+    """Endless scene indices ≡ shard (mod shards) whose native resolution passes `min_native`."""
     for first in range(shard, 2**62, 4096 * shards):  # blocks of 4096 indices per shard
         idx = np.arange(first, first + 4096 * shards, shards, dtype=np.int64)
         if min_native > NATIVE_MIN:
@@ -445,19 +395,17 @@ def shard_indices(seed: int, shard: int, shards: int, min_native: int = 0) -> It
 
 
 class ScenesStream(IterableDataset):
-    """Endless scenes of `seed`, split across DataLoader workers and torch.distributed ranks
-    without duplicates (rank/world_size default to the process group)."""
+    """Endless scenes of `seed`, split over DataLoader workers and ranks without duplicates."""
 
     def __init__(
         self,
         resolution: int,
         seed: int = 0,
         min_native: int = 0,
-        train: bool = True,
         rank: int | None = None,
         world_size: int | None = None,
     ) -> None:
-        _init(self, resolution, seed, min_native, train)
+        _init(self, resolution, seed, min_native)
         self.rank, self.world_size = rank, world_size
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -466,13 +414,8 @@ class ScenesStream(IterableDataset):
             yield scene_item(self.seed, index, self.resolution)
 
 
-# ----------------------------------------------------------------------------------------------
-# Writing a data set on disk in the formats the real readers read.
-
-
 def scene_sample(seed: int, index: int, resolution: int | None, ext: str) -> dict[str, Any]:
-    """One sample as img2dataset writes it: __key__, the image (`ext`), its caption (txt) and
-    ground truth plus img2dataset's status/width/height/original_width/original_height (json)."""
+    """One sample as img2dataset writes it: __key__, the image (`ext`), txt and json."""
     scene, key = sample_scene(seed, index), scene_key(seed, index)
     image = render_native(scene, resolution)
     meta = {
@@ -504,15 +447,7 @@ def write_dataset(
     shard_size: int = 1000,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Write scenes 0..count−1 to `out` and return a summary with kept counts.
-
-    folder: ``out/{shard:05d}/{key}.{png|jpg}`` + ``.txt`` caption + ``.json`` ground truth;
-    webdataset: ``out/{shard:05d}.tar`` with the same members, as img2dataset writes them.
-    Images are stored at native size (resolution=None, so readers' min_native filters work as
-    on real data) or resized to `resolution`; the .json holds the ground truth plus
-    img2dataset's width/height/original_width/original_height. Also writes
-    ``out/scenes_stats.json``: how many scenes have native resolution ≥ 64 … 1024 px.
-    """
+    """Write scenes 0..count−1 to `out` (docs/data.md); returns ``scenes_stats.json``'s data."""
     if count < 1 or shard_size < 1:
         raise ValueError(f"scenes count and shard size must be >= 1, got {count}, {shard_size}")
     if fmt not in ("folder", "webdataset"):

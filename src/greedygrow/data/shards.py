@@ -1,25 +1,21 @@
-"""img2dataset-style WebDataset tar shards (`WebDatasetStream`), read with ``webdataset``.
-
-The stream simply does not yield bad samples (counted as `greedygrow.data.skips` describes),
-and logs its counts when a finite pass ends. Exact passes split the shards across ranks ×
-DataLoader workers so every sample is read exactly once (see `plan_shards`); training streams
-resample shards.
-"""
+"""img2dataset-style tar shards (`WebDatasetStream`), read with ``webdataset``."""
 
 from __future__ import annotations
 
 import glob
 import io
+import itertools
 import json
 import os
 import random
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import webdataset as wds
 from torch.utils.data import IterableDataset
 
-from greedygrow.data.skips import (
+from greedygrow.data.sources import (
     IMAGE_EXTENSIONS,
     ImageReader,
     SkipCounter,
@@ -37,23 +33,14 @@ def _is_url(u: str) -> bool:
 
 
 def expand_shards(spec: str | os.PathLike | Sequence[str]) -> list[str]:
-    """Shard list from a brace pattern (``data/{00000..00099}.tar``), a glob, a directory
-    (its ``*.tar``), several of those joined by ``::`` or given as a list, or URLs
-    (``pipe:``, ``http://`` … passed to webdataset unchecked). Local shards must exist."""
-    specs = (
-        [os.fspath(spec)] if isinstance(spec, str | os.PathLike) else [os.fspath(s) for s in spec]
-    )
+    """Shards from patterns, globs, directories and URLs (docs/data.md); local ones must exist."""
     urls: list[str] = []
-    for s in specs:
-        for u in wds.shardlists.expand_urls(s):
-            if _is_url(u):
-                urls.append(u)
-            elif os.path.isdir(u):
-                urls.extend(sorted(glob.glob(os.path.join(u, "*.tar"))))
-            elif any(c in u for c in "*?["):
-                urls.extend(sorted(glob.glob(u)))
-            else:
-                urls.append(u)
+    for s in [spec] if isinstance(spec, str | os.PathLike) else spec:
+        for u in wds.shardlists.expand_urls(os.fspath(s)):
+            if not _is_url(u) and os.path.isdir(u):
+                u = os.path.join(u, "*.tar")
+            magic = not _is_url(u) and any(c in u for c in "*?[")
+            urls += sorted(glob.glob(u)) if magic else [u]
     missing = [u for u in urls if not _is_url(u) and not os.path.isfile(u)]
     if missing:
         raise FileNotFoundError(
@@ -67,16 +54,7 @@ def expand_shards(spec: str | os.PathLike | Sequence[str]) -> list[str]:
 def plan_shards(
     urls: Sequence[str], consumer: int, num_consumers: int
 ) -> list[tuple[str, int, int]]:
-    """What consumer ``consumer`` of ``num_consumers`` (ranks × DataLoader workers) reads in an
-    exact pass: a list of (url, stride, offset); it keeps sample i of that shard iff
-    ``i % stride == offset``.
-
-    The first ``S − S mod N`` shards go whole, round robin (consumer c gets shards c, c + N, …).
-    Each of the ``r = S mod N`` remaining shards is shared by the consumers c ≡ j (mod r), which
-    take every k-th sample of it. So every sample is read by exactly one consumer, and every
-    consumer gets the same number of shards ± a fraction of one, however S and N relate
-    (S < N included). The price: remainder shards are read (not decoded) by up to ⌈N/r⌉ consumers.
-    """
+    """An exact pass's share as (url, stride, offset): keep sample i iff i % stride == offset."""
     s, n = len(urls), num_consumers
     whole = s - s % n
     plan = [(urls[i], 1, 0) for i in range(consumer, whole, n)]
@@ -89,22 +67,8 @@ def plan_shards(
 
 
 class WebDatasetStream(ImageReader, IterableDataset):
-    """Samples from img2dataset-style tar shards (``jpg``/``png``/``webp`` + ``txt``/``json``),
-    read with the ``webdataset`` library.
-
-    * ``resampled=False`` (an exact pass): every sample once per epoch across all ranks and
-      DataLoader workers (`plan_shards`); with ``train`` the shard order (the same on every
-      consumer) and a per-consumer shuffle buffer change with `set_epoch`. Ranks may yield a
-      few samples more or fewer than each other: for DDP training prefer resampling.
-    * ``resampled=True`` (default when training): every consumer draws shards with replacement,
-      seeded by (seed, epoch, rank, worker); endless unless ``epoch_size`` is given.
-
-    ``epoch_size`` is the number of samples per epoch over all consumers (each yields its
-    share); in an exact pass it caps the pass. The caption is the ``txt`` member, else the
-    ``json`` member's "caption". The native size is the stored image's, or img2dataset's
-    ``original_width``/``original_height`` from the ``json`` when smaller (img2dataset may have
-    upscaled); a sample whose json already says it is too small is dropped before decoding.
-    """
+    """Samples from tar shards: an exact pass, or shards drawn with replacement when
+    ``resampled`` (default: when training); ``epoch_size`` over all consumers (docs/data.md)."""
 
     def __init__(
         self,
@@ -134,49 +98,28 @@ class WebDatasetStream(ImageReader, IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         me, n = consumer(self.rank, self.world_size)
         tag = f"{self.seed}:{self.epoch}:{me}"
-        crop_rng = random.Random(f"crop:{tag}")
         samples = self._samples(me, n)
         if self.train and self.shuffle_buffer > 1:
-            samples = wds.shuffle(
-                self.shuffle_buffer,
-                initial=min(100, self.shuffle_buffer),
-                rng=random.Random(f"buffer:{tag}"),
-            )(iter(samples))
+            buffer, rng = self.shuffle_buffer, random.Random(f"buffer:{tag}")
+            samples = wds.shuffle(buffer, initial=min(100, buffer), rng=rng)(iter(samples))
         limit = None
         if self.epoch_size is not None:
             limit = self.epoch_size // n + (me < self.epoch_size % n)  # this consumer's share
-        before = self.skips.local()
-        kept = 0
-        for sample in samples:
-            if limit is not None and kept >= limit:
-                break
-            out = self._decode(sample, crop_rng)
-            if out is not None:
-                kept += 1
-                yield out
-        after = self.skips.local()
-        counts = {k: v - before[k] for k, v in after.items() if v != before[k]}
-        log.info(
-            "webdataset pass done (consumer %d of %d, epoch %d): %s",
-            me,
-            n,
-            self.epoch,
-            counts or "nothing read",
-        )
+        crop_rng = random.Random(f"crop:{tag}")
+        decoded = (self._decode(sample, crop_rng) for sample in samples)
+        yield from itertools.islice((item for item in decoded if item is not None), limit)
+        log.info("webdataset pass done (consumer %d of %d): %s", me, n, self.skips.summary())
 
     def _samples(self, me: int, n: int) -> Iterator[dict[str, Any]]:
         """Raw tar samples of consumer `me` of `n`: resampled shards, or its exact-pass share."""
         handler = _ShardErrorHandler(self.urls, self.skips)
         read = wds.tarfile_to_samples(handler=handler)
         if self.resampled:
+            seed = self.seed * 1_000_003 + self.epoch
             shards = wds.ResampledShards(
-                self.urls,
-                seed=self.seed * 1_000_003 + self.epoch,
-                worker_seed=lambda: me,
-                deterministic=True,
+                self.urls, seed=seed, worker_seed=lambda: me, deterministic=True
             )
-            patience = max(100, 2 * len(self.urls))
-            return read(handler.check_ends(_fail_when_stalled(iter(shards), self.skips, patience)))
+            return read(handler.check_ends(iter(shards), patience=max(100, 2 * len(self.urls))))
         urls = list(self.urls)
         if self.train:
             random.Random(f"shards:{self.seed}:{self.epoch}").shuffle(urls)  # same on all
@@ -188,15 +131,12 @@ class WebDatasetStream(ImageReader, IterableDataset):
         url, key = sample.get("__url__", "?"), sample.get("__key__", "?")
         where = f"{url}:{key}"
         ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
-        if ext is None:
-            members = sorted(k for k in sample if not k.startswith("__"))
-            self.skips.skip("missing_image", where, f"members: {members}")
-            return None
-        if not sample[ext]:
-            self.skips.skip("empty_file", f"{where}.{ext}")
-            return None
         meta = parse_json(sample.get("json"))
         caption, reason = read_caption(sample.get("txt"), meta)
+        if ext is None:
+            reason = "missing_image"
+        elif not sample[ext]:
+            reason = "empty_file"
         if reason:
             self.skips.skip(reason, where)
             return None
@@ -204,37 +144,28 @@ class WebDatasetStream(ImageReader, IterableDataset):
         if original is not None and min(original) < self.min_native:
             self.skips.drop_small()
             return None
-        loaded = self._load(io.BytesIO(sample[ext]), f"{where}.{ext}", rng)
-        if loaded is None:
+        if (loaded := self._load(io.BytesIO(sample[ext]), f"{where}.{ext}", rng)) is None:
             return None
-        image, size = loaded
         self.skips.keep()
-        native = list(native_from(size, original))
+        native = list(native_from(loaded[1], original))
         meta = json.dumps({"source": "webdataset", "shard": url, "native_size": native})
-        return {"image": image, "caption": caption, "key": key, "meta": meta}
+        return {"image": loaded[0], "caption": caption, "key": key, "meta": meta}
 
 
 def _take_strided(
     samples: Iterator[dict[str, Any]], split: dict[str, tuple[int, int]]
 ) -> Iterator[dict[str, Any]]:
     """Keep sample i of shard u iff i % stride == offset, with (stride, offset) = split[u]."""
-    index: dict[str, int] = {}
+    seen: Counter[str] = Counter()
     for sample in samples:
-        url = sample.get("__url__", "")
-        stride, offset = split.get(url, (1, 0))
-        i = index.get(url, 0)
-        index[url] = i + 1
-        if i % stride == offset:
+        stride, offset = split[sample["__url__"]]
+        if seen[sample["__url__"]] % stride == offset:
             yield sample
+        seen[sample["__url__"]] += 1
 
 
 class _ShardErrorHandler:
-    """webdataset exception handler: count the shard as broken (once per pass), warn, carry on.
-
-    Python's tarfile ends a truncated stream silently when the cut falls in a member header, so
-    `check_ends` also looks for the end-of-archive marker (two zero blocks) of local ``.tar``
-    shards before they are read; the samples before a cut are still used.
-    """
+    """webdataset exception handler: count a shard as broken once per pass, warn, carry on."""
 
     def __init__(self, urls: Sequence[str], counter: SkipCounter):
         self.urls, self.counter, self.broken = set(urls), counter, set()
@@ -252,8 +183,19 @@ class _ShardErrorHandler:
         self.report(url, f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}")
         return True
 
-    def check_ends(self, shards: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    def check_ends(
+        self, shards: Iterator[dict[str, Any]], patience: int | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """Report truncated local shards; fail after `patience` shards without a usable sample."""
+        last_kept, since = -1, 0
         for shard in shards:
+            kept = self.counter.kept
+            last_kept, since = kept, 1 if kept != last_kept else since + 1
+            if patience is not None and since > patience:
+                raise RuntimeError(
+                    f"webdataset: no usable sample in the last {patience} shards read "
+                    f"({self.counter.summary()}); see the warnings above"
+                )
             url = shard["url"]
             if url.endswith(".tar") and os.path.isfile(url):
                 size = os.path.getsize(url)
@@ -263,22 +205,3 @@ class _ShardErrorHandler:
                 if size % 512 or len(tail) < 1024 or tail.strip(b"\0"):
                     self.report(url, "truncated (no end-of-archive marker); reading what is there")
             yield shard
-
-
-def _fail_when_stalled(
-    shards: Iterator[dict[str, Any]], counter: SkipCounter, patience: int
-) -> Iterator[dict[str, Any]]:
-    """Fail an endless resampled stream that reads `patience` shards in a row without one
-    usable sample (all shards broken, or a filter nothing passes) instead of letting it spin."""
-    last_kept, since = -1, 0
-    for shard in shards:
-        kept = counter.local()["kept"]
-        if kept != last_kept:
-            last_kept, since = kept, 0
-        since += 1
-        if since > patience:
-            raise RuntimeError(
-                f"webdataset: no usable sample in the last {patience} shards read "
-                f"({counter.summary()}); see the warnings above"
-            )
-        yield shard

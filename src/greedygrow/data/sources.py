@@ -1,18 +1,12 @@
-"""Real text–image data: image folders (`FolderDataset`), and `make_dataset`, which builds the
-data set of every source (scenes, folder, webdataset shards).
-
-`FolderDataset` (map-style) checks every file's header, caption and size while it builds its
-index, so almost everything bad never enters it (what is skipped, and how it is counted:
-`greedygrow.data.skips`). What only full decoding reveals (a truncated JPEG) makes
-``__getitem__`` return ``None``; load it with ``collate_fn=skip_none_collate`` (also
-``FolderDataset.collate_fn``), which drops those and returns ``None`` for a batch with nothing
-left. Call ``dataset.skips.log_summary()`` at the end of an epoch.
-"""
+"""Real data: counting skipped bad input, reads both readers share, and `FolderDataset`."""
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 import json
+import logging
 import os
 import random
 from collections.abc import Iterator, Sequence
@@ -21,22 +15,192 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-from torch.utils.data import Dataset, IterableDataset
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset, default_collate, get_worker_info
 
-from greedygrow.data.scenes import ScenesDataset, ScenesStream
-from greedygrow.data.shards import WebDatasetStream
-from greedygrow.data.skips import (
-    IMAGE_EXTENSIONS,
-    ImageReader,
-    SkipCounter,
-    clean_caption,
-    native_from,
-    original_size,
-    parse_json,
-    read_caption,
-    skip_none_collate,
+from greedygrow.data.transforms import native_size, prepare_image
+
+log = logging.getLogger("greedygrow.data")
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+SKIP_REASONS = (
+    "empty_file",
+    "not_an_image",
+    "corrupt_image",
+    "too_large",
+    "missing_image",
+    "missing_caption",
+    "empty_caption",
+    "bad_caption",
+    "broken_shard",
 )
+_FIELDS = ("kept", "below_min_native", *SKIP_REASONS)
+_MAX_WORKERS = 64  # DataLoader workers with a row of their own (more share rows)
+_WARN_TABLE_BYTES = 1 << 20  # 8 Mi bits of hashed warned-about paths
+BROKEN = object()  # a .json payload that does not parse
+
+
+class SkipCounter:
+    """Kept, dropped and skipped counts in shared memory: row 0 this process, 1 + w worker w."""
+
+    def __init__(self, name: str = "data"):
+        self.name = name
+        self._table = torch.zeros(1 + _MAX_WORKERS, len(_FIELDS), dtype=torch.int64).share_memory_()
+        self._warned = torch.zeros(_WARN_TABLE_BYTES, dtype=torch.uint8).share_memory_()
+
+    def _add(self, field: str, n: int = 1) -> None:
+        info = get_worker_info()
+        row = 0 if info is None else 1 + info.id % _MAX_WORKERS
+        self._table.numpy()[row, _FIELDS.index(field)] += n
+
+    def keep(self, n: int = 1) -> None:
+        """Count ``n`` samples that passed every check."""
+        self._add("kept", n)
+
+    def drop_small(self) -> None:
+        """Count a sample dropped by the native-resolution filter (no warning: it is expected)."""
+        self._add("below_min_native")
+
+    def skip(self, reason: str, path: str, detail: str = "") -> None:
+        """Count a bad sample and warn the first time this path is skipped."""
+        if reason not in SKIP_REASONS:
+            raise ValueError(f"unknown skip reason {reason!r}; expected one of {SKIP_REASONS}")
+        self._add(reason)
+        warned = self._warned.numpy()
+        h = int.from_bytes(hashlib.blake2b(path.encode(), digest_size=8).digest(), "little")
+        byte, bit = (h >> 3) % warned.shape[0], 1 << (h & 7)
+        if not warned[byte] & bit:
+            warned[byte] |= bit
+            detail = f" ({detail})" if detail else ""
+            log.warning("%s: skipping %s: %s%s", self.name, path, reason, detail)
+
+    def skip_image(self, path: str, e: Exception) -> None:
+        """Count and warn about an image Pillow failed on, by what `e` says went wrong."""
+        if isinstance(e, UnidentifiedImageError):
+            self.skip("not_an_image", path, "Pillow cannot identify the format")
+        elif isinstance(e, Image.DecompressionBombError):
+            self.skip("too_large", path, str(e))
+        else:
+            self.skip("corrupt_image", path, f"{type(e).__name__}: {e}")
+
+    def as_dict(self) -> dict[str, int]:
+        """All counts summed over processes: kept, below_min_native and every skip reason."""
+        return dict(zip(_FIELDS, self._table.sum(0).tolist(), strict=True))
+
+    @property
+    def kept(self) -> int:
+        return self.as_dict()["kept"]
+
+    @property
+    def below_min_native(self) -> int:
+        return self.as_dict()["below_min_native"]
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Non-zero skip counts of bad input, by reason."""
+        return {k: v for k, v in self.as_dict().items() if k in SKIP_REASONS and v}
+
+    @property
+    def skipped(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self) -> str:
+        bad = ", ".join(f"{k} {v}" for k, v in self.counts.items()) or "none"
+        return (
+            f"{self.name}: kept {self.kept}, below min_native {self.below_min_native}, "
+            f"bad input skipped {self.skipped} ({bad})"
+        )
+
+    def log_summary(self) -> None:
+        """Log `summary()`: at WARNING level if bad input was skipped, else INFO."""
+        log.log(logging.WARNING if self.skipped else logging.INFO, "%s", self.summary())
+
+    def reset(self) -> None:
+        """Zero the counts (e.g. at the start of an epoch); warned paths stay warned."""
+        self._table.zero_()
+
+
+def skip_none_collate(batch: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """`default_collate` of the samples that are not ``None``; ``None`` if none is left."""
+    kept = [b for b in batch if b is not None]
+    return default_collate(kept) if kept else None
+
+
+class ImageReader:
+    """What both real-data readers share: their sizes, a `SkipCounter`, and loading an image."""
+
+    def _setup(self, resolution: int, train: bool, min_native: int, name: str) -> None:
+        if not isinstance(resolution, int) or resolution < 1:
+            raise ValueError(f"resolution must be a positive number of pixels, got {resolution!r}")
+        if not isinstance(min_native, int) or min_native < 0:
+            raise ValueError(f"min_native must be a number of pixels >= 0, got {min_native!r}")
+        self.resolution, self.train, self.min_native = resolution, bool(train), min_native
+        self.skips = SkipCounter(name)
+
+    def _load(
+        self, file: str | io.BytesIO, where: str, rng: random.Random | None = None
+    ) -> tuple[torch.Tensor, tuple[int, int]] | None:
+        """(image tensor, native size), or None if it is bad (skipped) or small (dropped)."""
+        try:
+            with Image.open(file) as img:
+                if min(img.size) < self.min_native:
+                    self.skips.drop_small()
+                    return None
+                size = native_size(img)  # before prepare_image: it may decode at reduced scale
+                return prepare_image(img, self.resolution, self.train, rng), size
+        except Exception as e:  # any failure to read the image is bad input: count, warn, skip
+            self.skips.skip_image(where, e)
+            return None
+
+
+def parse_json(data: bytes | None) -> Any:
+    """A .json payload parsed; None when absent, `BROKEN` when not UTF-8 JSON."""
+    if data is None:
+        return None
+    try:
+        return json.loads(data)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError both are
+        return BROKEN
+
+
+def clean_caption(caption: str | None) -> tuple[str | None, str]:
+    """(stripped caption, "") or (None, skip reason) for an absent or empty one."""
+    if caption is None:
+        return None, "missing_caption"
+    caption = caption.strip()
+    return (caption, "") if caption else (None, "empty_caption")
+
+
+def read_caption(txt: bytes | None, meta: Any) -> tuple[str | None, str]:
+    """Caption from a .txt payload, else from the parsed .json's "caption" (see `clean_caption`)."""
+    caption = None
+    if txt is not None:
+        try:
+            caption = txt.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            return None, "bad_caption"
+    if not caption and meta is BROKEN:
+        return None, "bad_caption"
+    if not caption and isinstance(meta, dict) and isinstance(meta.get("caption"), str):
+        caption = meta["caption"]
+    return clean_caption(caption)
+
+
+def original_size(meta: Any) -> tuple[int, int] | None:
+    """img2dataset's original_width/original_height, when the json has both as positive ints."""
+    if not isinstance(meta, dict):
+        return None
+    w, h = meta.get("original_width"), meta.get("original_height")
+    return (w, h) if isinstance(w, int) and isinstance(h, int) and w > 0 and h > 0 else None
+
+
+def native_from(size: tuple[int, int], original: tuple[int, int] | None) -> tuple[int, int]:
+    """Native size: img2dataset's `original` when smaller (upscaled), turned like `size`."""
+    if original is None or min(original) >= min(size):
+        return size
+    return original if (original[0] >= original[1]) == (size[0] >= size[1]) else original[::-1]
+
 
 FILE_COLUMNS = ("file_name", "filename", "image", "path")
 CAPTION_COLUMNS = ("caption", "text", "prompt")
@@ -45,22 +209,16 @@ METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 
 @dataclass(frozen=True)
 class FolderItem:
-    """One indexed image: absolute path, key (relative path without extension), caption and
-    stored (width, height)."""
+    """One indexed image: absolute path, key (relative path without extension), caption."""
 
     path: str
     key: str
     caption: str
-    size: tuple[int, int]
     original: tuple[int, int] | None = None  # from a sidecar .json (img2dataset's fields)
 
 
 def _metadata_captions(root: Path, counter: SkipCounter) -> dict[str, str | None]:
-    """Captions from every metadata.jsonl / metadata.csv under root: absolute path → caption.
-
-    File names are relative to the metadata file's folder (the Hugging Face imagefolder
-    convention). A caption cell that is absent or not a string maps to None (missing).
-    """
+    """Absolute path → caption (None: not a string) from every metadata file under root."""
     captions: dict[str, str | None] = {}
     for dirpath, _, files in sorted(os.walk(root)):
         for meta_path in [os.path.join(dirpath, name) for name in METADATA_FILES if name in files]:
@@ -132,16 +290,7 @@ def _read_optional(path: str) -> bytes | None:
 
 
 class FolderDataset(ImageReader, Dataset):
-    """Images under ``root`` (recursively) with captions, as a map-style dataset.
-
-    A caption comes from a ``metadata.jsonl`` / ``metadata.csv`` row (file-name column one of
-    FILE_COLUMNS, caption column one of CAPTION_COLUMNS, paths relative to that file), else from
-    a sidecar ``<stem>.txt``, else from a sidecar ``<stem>.json``'s "caption". The index is built
-    from headers only (Pillow opens lazily), so the ``min_native`` filter is cheap; ``count``
-    keeps a seeded random subset of that many images. ``__getitem__`` returns ``None`` for an
-    image that fails to decode at load time; use `skip_none_collate` (module docstring).
-    Training crops draw from Python's `random`, which DataLoader seeds in every worker.
-    """
+    """Images under ``root`` with captions (docs/data.md); an undecodable item is ``None``."""
 
     collate_fn = staticmethod(skip_none_collate)
 
@@ -204,7 +353,7 @@ class FolderDataset(ImageReader, Dataset):
                 self.skips.drop_small()
                 continue
             key = Path(os.path.relpath(path, self.root)).with_suffix("").as_posix()
-            items.append(FolderItem(path, key, caption, size, original))
+            items.append(FolderItem(path, key, caption, original))
         return items
 
     def __len__(self) -> int:
@@ -212,47 +361,9 @@ class FolderDataset(ImageReader, Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         item = self.items[index]
-        loaded = self._load(item.path, item.path)
-        if loaded is None:
+        if (loaded := self._load(item.path, item.path)) is None:
             return None
-        image, size = loaded
+        native = list(native_from(loaded[1], item.original))
         rel = Path(os.path.relpath(item.path, self.root)).as_posix()
-        native = list(native_from(size, item.original))
         meta = json.dumps({"source": "folder", "path": rel, "native_size": native})
-        return {"image": image, "caption": item.caption, "key": item.key, "meta": meta}
-
-
-def make_dataset(
-    source: str,
-    path: str | os.PathLike | Sequence[str] | None,
-    resolution: int,
-    train: bool = True,
-    min_native: int = 0,
-    seed: int = 0,
-    count: int | None = None,
-) -> Dataset | IterableDataset:
-    """The data set named by ``source``:
-
-    * ``"scenes"``: generated, no path; ``count`` given → ScenesDataset of that size, else the
-      endless ScenesStream.
-    * ``"folder"``: `FolderDataset` at ``path``; ``count`` keeps a seeded subset of that size.
-    * ``"webdataset"``: `WebDatasetStream` over the shards ``path``; training resamples shards
-      (``count`` = samples per epoch, None = endless), evaluation is one exact pass (capped at
-      ``count``).
-    """
-    if source == "scenes":
-        if path not in (None, ""):
-            raise ValueError(
-                f"scenes are generated and take no path (got {path!r}); to read scenes written "
-                f"with `greedygrow scenes`, use source 'folder' or 'webdataset'"
-            )
-        if count is not None:
-            return ScenesDataset(count, resolution, seed, min_native=min_native, train=train)
-        return ScenesStream(resolution, seed, min_native=min_native, train=train)
-    if path in (None, ""):
-        raise ValueError(f"data source {source!r} needs a path")
-    if source == "folder":
-        return FolderDataset(path, resolution, train, min_native, count=count, seed=seed)
-    if source == "webdataset":
-        return WebDatasetStream(path, resolution, train, min_native, epoch_size=count, seed=seed)
-    raise ValueError(f"unknown data source {source!r}; expected 'scenes', 'folder' or 'webdataset'")
+        return {"image": loaded[0], "caption": item.caption, "key": item.key, "meta": meta}

@@ -1,8 +1,4 @@
-"""Seeding and splitting a data stream: counter-based hashes, and which share this process reads.
-
-One SplitMix64 (Steele, Lea & Flood 2014, "Fast splittable pseudorandom number generators")
-serves both the Python-int seed mixer `mix_seed` and the vectorised `uniforms`.
-"""
+"""Seeding (SplitMix64: Steele, Lea & Flood 2014) and which share of a stream we read."""
 
 from __future__ import annotations
 

@@ -1,12 +1,4 @@
-"""Image transforms for real data: any PIL image → float tensor [3, R, R] in [−1, 1].
-
-`prepare_image` is the whole pipeline: JPEG draft decoding at a reduced scale when the image is
-much larger than needed, EXIF orientation, conversion of any mode to RGB (alpha composited on
-white, 16-bit scaled to 8-bit), resize of the shorter side to R with an antialiased filter, a
-random (training) or centred (evaluation) R×R crop, and scaling to [−1, 1]. The resize and crop
-are one `Image.resize(box=...)` call, so only the pixels that end up in the crop are resampled.
-Small images are upscaled; use a native-size filter to exclude them.
-"""
+"""Image transforms for real data: any PIL image → float tensor [3, R, R] in [−1, 1]."""
 
 from __future__ import annotations
 
@@ -22,33 +14,24 @@ REDUCING_GAP = 3.0  # box-reduce first when shrinking by ≥ 3×; Pillow: indist
 
 
 def native_size(img: Image.Image) -> tuple[int, int]:
-    """(width, height) as displayed, i.e. after EXIF orientation, at full resolution.
-
-    Call before `prepare_image` (which may decode at a reduced scale). Header-only for JPEG and
-    WebP; a PNG whose EXIF comes after its pixel data is decoded. The shorter side needs no
-    orientation: `min(img.size)` is the cheap native-size test.
-    """
+    """(width, height) as displayed, at full size: call before `prepare_image` may draft."""
     w, h = img.size
     orientation = img.getexif().get(ImageOps.ExifTags.Base.Orientation, 1)
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB: alpha and palette transparency composited on white,
-    16-bit greyscale scaled to 8 bits (32-bit integer "I" is read as 16-bit, values above
-    65535 saturate), CMYK/YCbCr/LAB converted."""
+    """Any PIL mode as 8-bit RGB: transparency on white, 16-bit and float greyscale scaled."""
     if img.mode == "RGB":
         return img
-    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        # 16-bit greyscale (PNG opens as I;16 or I): v8 = v16 / 257 maps 65535 → 255 exactly
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         a = np.asarray(img, dtype=np.float64)
-        a = np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8)
+        if img.mode != "F":
+            a = a / 257.0  # 16-bit greyscale: v8 = v16 / 257 maps 65535 → 255 exactly
+        elif a.size and a.max() <= 1.0:
+            a = a * 255.0  # float greyscale in [0, 1]; larger ranges are clipped to 255
+        a = np.clip(np.rint(a), 0, 255).astype(np.uint8)
         return Image.fromarray(a, "L").convert("RGB")
-    if img.mode == "F":
-        # float greyscale: values in [0, 1] are scaled by 255, larger ranges are clipped to 255
-        a = np.asarray(img, dtype=np.float64)
-        a = a * 255.0 if a.size and a.max() <= 1.0 else a
-        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L").convert("RGB")
     if (img.mode == "P" and "transparency" in img.info) or img.mode == "PA":
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "La", "RGBa"):
@@ -56,27 +39,16 @@ def to_rgb(img: Image.Image) -> Image.Image:
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         # out = α·fg + (1 − α)·white  (alpha compositing, Porter & Duff 1984)
         return Image.alpha_composite(white, rgba).convert("RGB")
-    if img.mode == "1":
-        img = img.convert("L")
     return img.convert("RGB")
-
-
-def _resized_extent(w: int, h: int, resolution: int) -> tuple[int, int]:
-    """Size after scaling the shorter side of (w, h) to `resolution` (longer side ≥ resolution)."""
-    s = resolution / min(w, h)  # s = R / min(w, h)
-    return max(resolution, round(w * s)), max(resolution, round(h * s))
 
 
 def crop_box(
     size: tuple[int, int], resolution: int, train: bool, rng: random.Random | None = None
 ) -> tuple[float, float, float, float]:
-    """Source-pixel box that, resized to R×R, equals resize-shorter-side-to-R then R×R crop.
-
-    Training crops at a uniformly random integer offset of the resized image (drawn from `rng`,
-    or Python's `random` module when None); evaluation crops the centre.
-    """
+    """Source box equal to shorter side → R then an R×R crop: random if `train`, else centred."""
     w, h = size
-    rw, rh = _resized_extent(w, h, resolution)
+    s = resolution / min(w, h)  # the shorter side scaled to R; the longer side stays ≥ R
+    rw, rh = max(resolution, round(w * s)), max(resolution, round(h * s))
     if train:
         r = rng if rng is not None else random
         x0, y0 = r.randint(0, rw - resolution), r.randint(0, rh - resolution)
@@ -98,13 +70,7 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
 def prepare_image(
     img: Image.Image, resolution: int, train: bool, rng: random.Random | None = None
 ) -> torch.Tensor:
-    """Opened (lazy) PIL image → float tensor [3, R, R] in [−1, 1] (see module docstring).
-
-    Raises whatever Pillow raises for undecodable data (OSError for truncated files, …);
-    callers count and skip those.
-    """
-    if resolution < 1:
-        raise ValueError(f"resolution must be a positive number of pixels, got {resolution}")
+    """Opened (lazy) PIL image → tensor [3, R, R] in [−1, 1] (docs/data.md); Pillow may raise."""
     if img.format == "JPEG" and img.mode in ("RGB", "L", "CMYK"):
         w, h = img.size
         s = resolution / min(w, h)

@@ -1,24 +1,4 @@
-"""Alignment on scenes: DSG-style questions from a prompt, answered by classical image analysis.
-
-This is the project's analogue of DSG-1k (Cho et al. 2024) and of the Gecko numerical split
-(counting up to five): questions are generated from a scene's ground truth, each answered from
-the image with no learned weights, and scored per question, per prompt and per count.
-
-Questions, per entity (a colour + shape named by the prompt):
-
-- ``entity``     "is there a red circle?"                  (yes)
-- ``count``      "how many red circles are there?"         (the number; parent: entity)
-- ``attribute``  "are the red circles striped?"            (yes; parent: entity), asked only
-  for non-plain attributes and only at resolutions ≥ ATTRIBUTE_MIN_RESOLUTION, where the
-  scenes renderer resolves stripes, dots and outlines (below it they blur into a flat tint).
-
-As in DSG, a child question counts as wrong whenever its parent is answered wrong. A prompt's
-score is the mean over its questions; it is *all correct* when every question is right.
-
-The analyser (`detect`) models every pixel as a blend of a smooth background and one palette
-ink (an object colour or its light tint): p = B + a (ink − B); docs/evaluation.md ("The
-analyser") gives its steps and cut-offs, and "How far to trust it" its measured accuracy.
-"""
+"""Alignment on scenes: DSG-style questions answered by classical image analysis, no weights."""
 
 from __future__ import annotations
 
@@ -53,10 +33,7 @@ MAX_COUNT = 5
 _INKS_RGB = np.array([*COLORS.values()], dtype=np.float32) / 255.0
 _TINTS_RGB = (1.0 - TINT) * _INKS_RGB + TINT  # t = (1 − τ) c + τ white  (scenes renderer)
 _COLOR_NAMES = list(COLORS)
-
-# --------------------------------------------------------------------------------------------
-# Questions
-# --------------------------------------------------------------------------------------------
+ImageLike = Image.Image | np.ndarray | torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -73,20 +50,8 @@ class Question:
     parent: str | None = None
 
 
-def as_scene(truth: Scene | dict | str) -> Scene:
-    """A Scene from a Scene, its ground-truth dict, or its JSON string."""
-    if isinstance(truth, str):
-        return Scene.from_json(truth)
-    return Scene.from_dict(truth) if isinstance(truth, dict) else truth
-
-
-def make_questions(truth: Scene | dict | str, resolution: int) -> list[Question]:
-    """DSG-style questions for a prompt's ground truth, for an image of `resolution` px.
-
-    One entity, one count and (at resolution ≥ ATTRIBUTE_MIN_RESOLUTION) one attribute
-    question per non-plain attribute, for each colour + shape the prompt names.
-    """
-    scene = as_scene(truth)
+def make_questions(scene: Scene, resolution: int) -> list[Question]:
+    """Entity, count and (from ATTRIBUTE_MIN_RESOLUTION px) attribute questions per entity."""
     entities: dict[tuple[str, str], int] = {}
     attributes: dict[tuple[str, str], list[str]] = {}
     for g in scene.groups:
@@ -107,11 +72,6 @@ def make_questions(truth: Scene | dict | str, resolution: int) -> list[Question]
     return out
 
 
-# --------------------------------------------------------------------------------------------
-# Image analysis
-# --------------------------------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class Detection:
     """An object found in the image, with the measurements its labels came from."""
@@ -130,9 +90,8 @@ class Detection:
     ring_contrast: float
 
 
-def to_array(image: Image.Image | np.ndarray | torch.Tensor) -> np.ndarray:
-    """Float32 [H, W, 3] in [0, 1] from a PIL image, uint8/float HWC array, or a [3,H,W]
-    tensor in [−1, 1] (the sampler's and the data sets' convention)."""
+def to_array(image: ImageLike) -> np.ndarray:
+    """Float32 [H, W, 3] in [0, 1] from PIL, an HWC array or a [3,H,W] tensor in [−1, 1]."""
     if isinstance(image, Image.Image):
         return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
     if isinstance(image, torch.Tensor):
@@ -154,8 +113,7 @@ def _terms(xs: np.ndarray, ys: np.ndarray, w: int, h: int, degree: int) -> list[
 
 
 def _fit_background(img: np.ndarray, use: np.ndarray, degree: int) -> np.ndarray:
-    """Least-squares polynomial background (per channel) fitted on the pixels in `use`,
-    refitted twice without outliers; returns B [H, W, 3] float32."""
+    """Least-squares polynomial background B [H, W, 3] on the pixels in `use`, outliers cut."""
     h, w, _ = img.shape
     ys, xs = np.nonzero(use)
     step = max(1, ys.size // 20000)  # a regular subsample is plenty for ≤ 6 terms
@@ -176,15 +134,7 @@ def _fit_background(img: np.ndarray, use: np.ndarray, degree: int) -> np.ndarray
 
 
 def _label_pixels(img: np.ndarray, bg: np.ndarray, noise: float) -> tuple[np.ndarray, np.ndarray]:
-    """Each pixel as B + a (ink − B) for the best of the colour and tint inks: (label, cover),
-    label the colour index per pixel (−1 = background / unexplained), cover the object
-    coverage in [0, 1] (0.5 = halfway to the colour's tint).
-
-    Only pixels significantly far from the background are fitted: ‖p − B‖ above MIN_CONTRAST
-    (half the way from any background to the nearest tint is more than twice that) and above
-    2·√3·σ (σ the per-channel noise: pure noise passes with probability < 1%, so a noise image
-    yields no objects).
-    """
+    """(colour index per pixel, −1 for none; coverage in [0, 1]) from p = B + a (ink − B)."""
     d_all = img - bg
     threshold = max(MIN_CONTRAST, 2.0 * math.sqrt(3.0) * noise)
     fit = (d_all * d_all).sum(-1) > threshold**2
@@ -193,7 +143,6 @@ def _label_pixels(img: np.ndarray, bg: np.ndarray, noise: float) -> tuple[np.nda
     lab = np.zeros(d.shape[1], dtype=np.int64)
     cov = np.zeros(d.shape[1], dtype=np.float32)
     for k in range(len(_INKS_RGB)):
-        # coverage measured towards the tint: a tint pixel is fully covered (1)
         ct = _along(d, _TINTS_RGB[k][:, None] - b)
         for ink in (_INKS_RGB[k], _TINTS_RGB[k]):
             e = ink[:, None] - b  # direction from the background to the ink, per pixel
@@ -204,23 +153,13 @@ def _label_pixels(img: np.ndarray, bg: np.ndarray, noise: float) -> tuple[np.nda
             lab = np.where(better, k, lab)
             cov = np.where(better, ct, cov)
     dist = np.sqrt(_dot(d, d))
-    # a blend of B and one palette ink, up to noise (capped: noise is no licence);
-    # residual < 0.08 + 0.35·dist + 3·min(noise, 0.05): ours, tuned on renders with noise
-    # and blur (docs/evaluation.md, "How far to trust it")
+    # residual < 0.08 + 0.35·dist + 3·min(noise, 0.05): ours, tuned (docs/evaluation.md)
     explained = np.sqrt(best) < 0.08 + 0.35 * dist + 3 * min(noise, 0.05)
     lab = np.where(explained & (cov >= 0.5), lab, -1)
     label = np.full(fit.shape, -1, dtype=np.int64)
     cover = np.zeros(fit.shape, dtype=np.float32)
     label[fit], cover[fit] = lab, cov
     return label, cover
-
-
-def _tint_map(img: np.ndarray, k: int) -> np.ndarray:
-    """s = ⟨p − c, t − c⟩ / ‖t − c‖² ∈ [0, 1]: 0 at colour k, 1 at its tint (for pixels fully
-    inside an object of colour k)."""
-    c, t = _INKS_RGB[k], _TINTS_RGB[k]
-    tc = t - c
-    return np.clip(((img - c) * tc).sum(-1) / float(tc @ tc), 0.0, 1.0)
 
 
 def _dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -233,13 +172,7 @@ def _along(d: np.ndarray, e: np.ndarray) -> np.ndarray:
 
 
 def _shape_descriptors(mask: np.ndarray, cover: np.ndarray) -> tuple[float, float, float]:
-    """(solidity, extent, centroid height) of one component, on a sub-pixel mask: its
-    coverage map upsampled (bilinear) to ~96 px across and cut at 0.5.
-
-    solidity = area / convex-hull area; extent = area / minimum-area rectangle of the hull
-    (rotation invariant); centroid height = centroid row within the mask's row span, from 0
-    (top) to 1 (bottom): ½ for symmetric shapes, ⅔ for an upright triangle.
-    """
+    """(solidity, extent, centroid height) of one component's sub-pixel mask."""
     ys, xs = np.nonzero(mask)
     size = max(ys.max() - ys.min(), xs.max() - xs.min()) + 1
     up = int(np.clip(math.ceil(96 / size), 1, 16))
@@ -263,8 +196,7 @@ def _shape_descriptors(mask: np.ndarray, cover: np.ndarray) -> tuple[float, floa
     shoelace = 0.5 * abs(x @ np.roll(y, 1) - y @ np.roll(x, 1))
     edges = np.roll(hull, -1, 0) - hull
     perim = np.linalg.norm(edges, axis=1).sum()
-    # the hull through pixel centres misses half a pixel all round; grown by a pixel square:
-    # A' ≈ A + ½ P + 1 (Minkowski sum with a unit square; exact for axis-aligned edges)
+    # A' ≈ A + ½ P + 1: the hull of pixel centres grown by a unit square (Minkowski sum)
     hull_area = shoelace + 0.5 * perim + 1.0
     # minimum-area enclosing rectangle: one side lies along a hull edge (rotating calipers)
     ang = np.arctan2(edges[:, 1], edges[:, 0])
@@ -276,10 +208,7 @@ def _shape_descriptors(mask: np.ndarray, cover: np.ndarray) -> tuple[float, floa
 
 
 def _classify_shape(solidity: float, extent: float, height: float) -> str:
-    """Shape from descriptors. Geometry (large sizes): circle (1, π/4, ½), square (1, 1, ½),
-    upright triangle (1, ½, ⅔), star with inner/outer 0.45 (0.55, 0.39, 0.55); at 4–6 px
-    anti-aliasing pulls every solidity towards 1 (star ~0.8) and extents towards 0.6–0.8, so
-    the cuts sit between the measured small- and large-size values (docs/evaluation.md)."""
+    """Shape from descriptors; the cuts sit between measured values (docs/evaluation.md)."""
     if solidity < 0.88 and height < 0.59:
         return "star"
     if height >= 0.59 or extent < 0.70:
@@ -290,9 +219,10 @@ def _classify_shape(solidity: float, extent: float, height: float) -> str:
 def _attribute_features(
     mask: np.ndarray, patch: np.ndarray, k: int, ring_px: float, noise: float
 ) -> tuple[float, float, float, float]:
-    """(mean s, std s, coherence, ring contrast) of the tint map s inside one object of colour
-    k; the std is of the pattern alone, with the pixel noise σ taken out."""
-    tint = _tint_map(patch, k)
+    """(mean s, pattern std s, coherence, ring contrast) of the tint map inside one object."""
+    c, tc = _INKS_RGB[k], _TINTS_RGB[k] - _INKS_RGB[k]
+    # s = ⟨p − c, t − c⟩ / ‖t − c‖² ∈ [0, 1]: 0 at colour k, 1 at its tint
+    tint = np.clip(((patch - c) * tc).sum(-1) / float(tc @ tc), 0.0, 1.0)
     depth = ndimage.distance_transform_edt(mask)
     inner = depth > ring_px + 1.0  # inside the outline ring (if there is one)
     if inner.sum() < 4:
@@ -305,15 +235,14 @@ def _attribute_features(
     jxx, jyy, jxy = (gx * gx)[inner].sum(), (gy * gy)[inner].sum(), (gx * gy)[inner].sum()
     tr = jxx + jyy
     coherence = float(math.sqrt((jxx - jyy) ** 2 + 4 * jxy * jxy) / tr) if tr > 1e-9 else 0.0
-    # noise in s = ⟨p − c, t − c⟩/‖t − c‖² has σ_s = σ / ‖t − c‖; σ_pattern² = std² − σ_s²
-    s_noise = noise / float(np.linalg.norm(_TINTS_RGB[k] - _INKS_RGB[k]))
+    # noise in s has σ_s = σ / ‖t − c‖; σ_pattern² = std² − σ_s²
+    s_noise = noise / float(np.linalg.norm(tc))
     std = math.sqrt(max(float(s_in.std()) ** 2 - s_noise**2, 0.0))
     return float(s_in.mean()), std, coherence, ring_contrast
 
 
 def _classify_attribute(mean: float, std: float, coherence: float, ring: float) -> str:
-    # cut-offs are ours, set between the measured clusters of clean renders at 128–512 px
-    # (docs/evaluation.md lists them: plain sd 0, patterns sd ≥ 0.35, stripes coherence 1)
+    # cut-offs are ours, between the measured clusters of clean renders (docs/evaluation.md)
     if std >= 0.15:  # a resolved pattern of colour and tint
         return "striped" if coherence >= 0.5 else "dotted"
     if mean >= 0.6 and ring >= 0.3:
@@ -321,19 +250,8 @@ def _classify_attribute(mean: float, std: float, coherence: float, ring: float) 
     return "plain" if mean < 0.3 else "tinted"
 
 
-def _downsample(img: np.ndarray, limit: int) -> np.ndarray:
-    """Block-mean an image whose shorter side exceeds `limit` by the largest integer factor
-    that keeps it ≥ limit (a box filter keeps every pixel a blend of background and ink)."""
-    f = min(img.shape[:2]) // limit
-    if f < 2:
-        return img
-    h, w = img.shape[0] // f * f, img.shape[1] // f * f
-    return img[:h, :w].reshape(h // f, f, w // f, f, 3).mean((1, 3))
-
-
 def _segment(img: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-    """(label, cover, noise σ) of an image: background from the border, pixels labelled, then
-    the background refitted on every pixel far from any object and the pixels labelled again."""
+    """(label, cover, noise σ): background from the border, then refitted away from objects."""
     h, w, _ = img.shape
     b = max(1, round(0.015 * min(h, w)))
     border = np.ones((h, w), dtype=bool)
@@ -347,20 +265,15 @@ def _segment(img: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     return label, cover, noise
 
 
-def detect(image: Image.Image | np.ndarray | torch.Tensor) -> list[Detection]:
-    """Objects in an image: colour, shape and (from ATTRIBUTE_MIN_RESOLUTION up) attribute.
-
-    Images above ANALYSIS_MAX px are analysed block-averaged to ≥ ANALYSIS_MAX px (every
-    scenes detail is still resolved there); objects under MIN_AREA of the image are dropped.
-    """
+def detect(image: ImageLike) -> list[Detection]:
+    """Objects in an image: colour, shape and (from ATTRIBUTE_MIN_RESOLUTION up) attribute."""
     full = to_array(image)
     if min(full.shape[:2]) < 16:
-        raise ValueError(
-            f"image of {full.shape[1]}×{full.shape[0]} px is too small to analyse (at least 16 px)"
-        )
+        raise ValueError(f"image of {full.shape[1]}×{full.shape[0]} px: too small (under 16 px)")
     resolve = min(full.shape[:2]) >= ATTRIBUTE_MIN_RESOLUTION
-    img = _downsample(full, ANALYSIS_MAX)
-    h, w, _ = img.shape
+    f = max(1, min(full.shape[:2]) // ANALYSIS_MAX)  # block-mean down to ≥ ANALYSIS_MAX px
+    h, w = full.shape[0] // f, full.shape[1] // f
+    img = full[: h * f, : w * f].reshape(h, f, w, f, 3).mean((1, 3))
     label, cover, noise = _segment(img)
     ring_px = max(1.0, OUTLINE_WIDTH * min(h, w))
     out = []
@@ -374,36 +287,18 @@ def detect(image: Image.Image | np.ndarray | torch.Tensor) -> list[Detection]:
                 continue
             shape = _shape_descriptors(ndimage.binary_dilation(mask), cover[pad])
             attr = _attribute_features(ndimage.binary_fill_holes(mask), img[pad], k, ring_px, noise)
-            out.append(
-                Detection(
-                    color,
-                    _classify_shape(*shape),
-                    _classify_attribute(*attr) if resolve else None,
-                    (xs.start / w, ys.start / h, xs.stop / w, ys.stop / h),
-                    area / (h * w),
-                    *shape,
-                    *attr,
-                )
-            )
+            attribute = _classify_attribute(*attr) if resolve else None
+            box = (xs.start / w, ys.start / h, xs.stop / w, ys.stop / h)
+            named = _classify_shape(*shape)
+            out.append(Detection(color, named, attribute, box, area / (h * w), *shape, *attr))
     return out
 
 
-# --------------------------------------------------------------------------------------------
-# Answering and scoring
-# --------------------------------------------------------------------------------------------
-
-
 def answer(question: Question, detections: Sequence[Detection]) -> bool | int:
-    """The answer the image gives: entity → any match; count → number of matches;
-    attribute → any match carrying the attribute."""
+    """The answer the image gives: any match, the number of matches, or any with the attribute."""
     matches = [d for d in detections if d.color == question.color and d.shape == question.shape]
-    if question.kind == "entity":
-        return bool(matches)
-    if question.kind == "count":
-        return len(matches)
-    if question.kind == "attribute":
-        return any(d.attribute == question.attribute for d in matches)
-    raise ValueError(f"unknown question kind {question.kind!r}")
+    attribute = any(d.attribute == question.attribute for d in matches)
+    return {"entity": bool(matches), "count": len(matches), "attribute": attribute}[question.kind]
 
 
 @dataclass
@@ -427,24 +322,11 @@ class PromptResult:
         return all(self.correct)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "caption": self.caption,
-            "resolution": self.resolution,
-            "score": self.score,
-            "all_correct": self.all_correct,
-            "questions": [
-                {**asdict(q), "answer": a, "correct": c}
-                for q, a, c in zip(self.questions, self.answers, self.correct, strict=True)
-            ],
-            "detections": [asdict(d) for d in self.detections],
-        }
+        return {**asdict(self), "score": self.score, "all_correct": self.all_correct}
 
 
 def score_questions(
-    questions: Sequence[Question],
-    detections: Sequence[Detection],
-    caption: str = "",
-    resolution: int = 0,
+    questions: list[Question], detections: list[Detection], caption: str = "", resolution: int = 0
 ) -> PromptResult:
     """Answer `questions` from `detections` and apply DSG's parent → child dependencies."""
     answers = [answer(q, detections) for q in questions]
@@ -453,27 +335,17 @@ def score_questions(
     return PromptResult(caption, resolution, list(questions), answers, correct, list(detections))
 
 
-def score_image(
-    image: Image.Image | np.ndarray | torch.Tensor,
-    truth: Scene | dict | str,
-    caption: str | None = None,
-) -> PromptResult:
-    """Detect objects in `image` and score them against the prompt's ground truth; `caption`
-    (default: the scene's) is the prompt text the result is labelled with."""
+def score_image(image: ImageLike, scene: Scene, caption: str | None = None) -> PromptResult:
+    """Detect objects in `image` and score them against the prompt's ground truth."""
     arr = to_array(image)
-    scene = as_scene(truth)
     resolution = min(arr.shape[:2])
-    return score_questions(
-        make_questions(scene, resolution), detect(arr), caption or scene.caption, resolution
-    )
+    questions = make_questions(scene, resolution)
+    return score_questions(questions, detect(arr), caption or scene.caption, resolution)
 
 
 def summarize(results: Iterable[PromptResult]) -> dict[str, Any]:
-    """Aggregate scores: DSG score (mean prompt score), all-correct rate, accuracy per
-    question kind, counting accuracy per number 1–5 and the count confusion matrix."""
+    """DSG score, all-correct rate, accuracy per kind and per count, and the count confusion."""
     results = list(results)
-    if not results:
-        raise ValueError("summarize: no results")
     per_kind: dict[str, list[bool]] = {}
     per_count: dict[int, list[bool]] = {}
     confusion = np.zeros((MAX_COUNT, MAX_COUNT + 2), dtype=np.int64)  # true 1..5 × pred 0..6+
@@ -505,20 +377,11 @@ def summarize(results: Iterable[PromptResult]) -> dict[str, Any]:
     }
 
 
-# --------------------------------------------------------------------------------------------
-# The built-in evaluation prompts
-# --------------------------------------------------------------------------------------------
-
 EVAL_SEED = 2**40 + 17  # a scenes seed no training run uses by default: unseen layouts
 
 
 def scene_prompts(count: int, seed: int = EVAL_SEED) -> list[Scene]:
-    """`count` evaluation scenes: half counting prompts (one colour + shape, counts 1–5 in
-    equal numbers, as in the Gecko numerical split); of the other half, alternately a
-    composition drawn like the training scenes but from EVAL_SEED, and one that asks for a
-    (colour, shape) pair training never shows (scenes.HELD_OUT). Deterministic."""
-    if count < 1:
-        raise ValueError(f"scene_prompts: count must be >= 1, got {count}")
+    """`count` evaluation scenes: counting prompts, compositions and held-out pairs in turn."""
     rng = np.random.default_rng([seed, 0xC0])
     pick = lambda options: options[rng.integers(len(options))]
     attrs = ["plain", "plain", "striped", "dotted", "outlined"]

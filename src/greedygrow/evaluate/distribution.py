@@ -1,8 +1,4 @@
-"""Distribution metrics: FID, FD-DINOv2, CMMD and CLIPScore, with cached reference statistics.
-
-Images reach every metric through a feature network of `greedygrow.evaluate.features`; the
-definitions, estimators and their tests are in docs/evaluation.md ("Distribution metrics").
-"""
+"""FID, FD-DINOv2, CMMD and CLIPScore with cached reference statistics (docs/evaluation.md)."""
 
 from __future__ import annotations
 
@@ -18,7 +14,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.numpy import load_file
 from safetensors.numpy import save as safetensors_bytes
 from torch import Tensor
 
@@ -31,11 +26,8 @@ from greedygrow.evaluate.features import (
     load_extractor,
 )
 
+STATS_CACHE = Path.home() / ".cache" / "greedygrow" / "reference-stats"
 CMMD_SIGMA, CMMD_SCALE = 10.0, 1000.0  # Jayasumana et al. 2024: k bandwidth σ and 1000 · MMD²
-
-# --------------------------------------------------------------------------------------------
-# Statistics and distances
-# --------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -65,7 +57,7 @@ class FeatureStats:
     def load(cls, path: Path) -> tuple[FeatureStats, dict[str, str]]:
         with safe_open(str(path), "np") as f:
             meta = dict(f.metadata() or {})
-        t = load_file(str(path))
+            t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safetensors handle)
         return cls(t["mu"], t["sigma"], int(meta["count"]), t.get("features")), meta
 
 
@@ -77,16 +69,12 @@ def reference_stats(
     extractor: FeatureExtractor,
     dataset_id: str,
     images: Callable[[], Iterable[Tensor]],
-    cache_dir: str | os.PathLike,
+    cache_dir: str | os.PathLike | None = None,
     keep_features: bool = False,
     batch_size: int = 64,
 ) -> FeatureStats:
-    """Reference statistics, computed once per (dataset_id, extractor.id) and cached.
-
-    `images()` yields batches [B,3,H,W] in [-1,1]; it is only called on a cache miss (or when
-    features are wanted but the cached file holds only the moments).
-    """
-    cache = Path(cache_dir)
+    """Reference statistics, cached per (dataset_id, extractor.id); `images()` runs on a miss."""
+    cache = Path(cache_dir or STATS_CACHE)
     key = hashlib.sha1(f"{dataset_id}\0{extractor.id}".encode()).hexdigest()[:12]
     path = cache / f"{_slug(dataset_id)}--{_slug(extractor.id)}--{key}.safetensors"
     if path.is_file():
@@ -95,21 +83,16 @@ def reference_stats(
             raise RuntimeError(f"{path}: cache key collision ({meta}); delete the file")
         if stats.features is not None or not keep_features:
             return stats
-    stats = FeatureStats.from_features(
-        extract_features(extractor, images(), batch_size), keep=keep_features
-    )
+    feats = extract_features(extractor, images(), batch_size)
+    stats = FeatureStats.from_features(feats, keep=keep_features)
     stats.save(path, {"dataset": dataset_id, "extractor": extractor.id})
     return stats
 
 
-def _psd_sqrt(s: np.ndarray) -> np.ndarray:
-    w, v = np.linalg.eigh((s + s.T) / 2)
-    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-
-
 def _trace_sqrt_product(s1: np.ndarray, s2: np.ndarray) -> float:
     # tr((Σ1 Σ2)^{1/2}) = Σ √eig(Σ1^{1/2} Σ2 Σ1^{1/2}): same spectrum, symmetric PSD
-    r = _psd_sqrt(s1)
+    w, v = np.linalg.eigh((s1 + s1.T) / 2)
+    r = (v * np.sqrt(np.clip(w, 0, None))) @ v.T  # Σ1^{1/2}
     m = r @ s2 @ r
     return float(np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum())
 
@@ -117,12 +100,7 @@ def _trace_sqrt_product(s1: np.ndarray, s2: np.ndarray) -> float:
 def frechet_distance(
     mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
 ) -> float:
-    """Fréchet distance between Gaussians N(mu1, sigma1) and N(mu2, sigma2), in float64.
-
-    tr((Σ1 Σ2)^{1/2}) is computed as Σ sqrt(eig(Σ1^{1/2} Σ2 Σ1^{1/2})), a symmetric PSD matrix
-    with the same spectrum, so nearly singular covariances are handled without complex parts.
-    If an eigen-decomposition fails, eps·I is added to both covariances (as pytorch-fid does).
-    """
+    """Fréchet distance between Gaussians N(mu1, sigma1) and N(mu2, sigma2), in float64."""
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (len(mu1), len(mu1)):
@@ -132,9 +110,7 @@ def frechet_distance(
     try:
         tr_covmean = _trace_sqrt_product(s1, s2)
     except np.linalg.LinAlgError:
-        warnings.warn(
-            f"Fréchet distance: eigh failed; adding {eps}·I to the covariances", stacklevel=2
-        )
+        warnings.warn(f"Fréchet distance: eigh failed; adding {eps}·I to Σ1, Σ2", stacklevel=2)
         off = eps * np.eye(len(s1))
         tr_covmean = _trace_sqrt_product(s1 + off, s2 + off)
     diff = mu1 - mu2
@@ -143,9 +119,10 @@ def frechet_distance(
     return float(max(fd, 0.0))
 
 
-def fid_from_features(x: Tensor | np.ndarray, y: Tensor | np.ndarray) -> float:
-    """Fréchet distance between the Gaussian fits of two feature sets [N,D], [M,D]."""
-    a, b = FeatureStats.from_features(x), FeatureStats.from_features(y)
+def fid_from_features(x: Tensor | np.ndarray, y: Tensor | np.ndarray | FeatureStats) -> float:
+    """Fréchet distance between the Gaussian fits of two feature sets [N,D] (or y's stats)."""
+    a = FeatureStats.from_features(x)
+    b = y if isinstance(y, FeatureStats) else FeatureStats.from_features(y)
     return frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
 
 
@@ -160,16 +137,8 @@ def _kernel_sum(a: Tensor, b: Tensor, gamma: float, chunk: int = 2048) -> float:
 
 
 def cmmd(x: Tensor | np.ndarray, y: Tensor | np.ndarray, unbiased: bool = True) -> float:
-    """CMMD = 1000 · MMD² between CLIP embeddings (Jayasumana et al. 2024), in float64, with the
-    Gaussian kernel k(a,b) = exp(−‖a−b‖²/(2σ²)), σ = 10.
-
-    unbiased=True is the unbiased estimator MMD²_u of the CMMD paper (Gretton et al. 2012):
-    within-set sums skip i = j, the cross sum is complete, so the value does not depend on how
-    the two sets are ordered; a set against itself gives −2 (1 − mean off-diagonal k) / m, not 0.
-    unbiased=False is the V-statistic of the CMMD reference code; the two differ by O(1/m).
-    """
-    x = torch.as_tensor(np.asarray(x), dtype=torch.float64)
-    y = torch.as_tensor(np.asarray(y), dtype=torch.float64)
+    """CMMD = 1000 · MMD² (unbiased, or the reference code's V-statistic) in float64."""
+    x, y = (torch.as_tensor(np.asarray(v), dtype=torch.float64) for v in (x, y))
     m, n = len(x), len(y)
     if unbiased and min(m, n) < 2:
         raise ValueError(f"unbiased MMD needs at least 2 samples per set, got {m} and {n}")
@@ -178,8 +147,7 @@ def cmmd(x: Tensor | np.ndarray, y: Tensor | np.ndarray, unbiased: bool = True) 
     if not unbiased:
         # MMD²_b = Σ k(xi,xj)/m² + Σ k(yi,yj)/n² − 2 Σ k(xi,yj)/(mn)
         return CMMD_SCALE * (kxx / (m * m) + kyy / (n * n) - 2.0 * kxy / (m * n))
-    # MMD²_u = Σ_{i≠j} k(xi,xj)/(m(m−1)) + Σ_{i≠j} k(yi,yj)/(n(n−1)) − 2 Σ k(xi,yj)/(mn)
-    # (k(x,x) = 1 on the diagonals)
+    # MMD²_u = Σ_{i≠j} k(xi,xj)/(m(m−1)) + Σ_{i≠j} k(yi,yj)/(n(n−1)) − 2 Σ k(xi,yj)/(mn), k(x,x)=1
     return CMMD_SCALE * ((kxx - m) / (m * (m - 1)) + (kyy - n) / (n * (n - 1)) - 2 * kxy / (m * n))
 
 
@@ -187,11 +155,6 @@ def clip_score(image_emb: Tensor, text_emb: Tensor) -> Tensor:
     """Per-pair CLIPScore [B]: 100 · max(cos(image, text), 0)."""
     # CLIPScore = 100 · max(cos(E_I, E_T), 0)  (Hessel et al. 2021, with w = 100)
     return 100.0 * F.cosine_similarity(image_emb.float(), text_emb.float(), dim=-1).clamp_min(0)
-
-
-# --------------------------------------------------------------------------------------------
-# All metrics for one set of generated images
-# --------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -211,15 +174,13 @@ class Extractors:
         clip: str | None = None,
         kinds: Iterable[str] = ("inception", "dinov2", "clip"),
         device: str = "cpu",
-        local_files_only: bool | None = None,
     ) -> Extractors:
-        """Load each requested kind; a kind whose weights are unavailable is recorded in
-        `notes` with the loader's message instead of raising."""
+        """Load each requested kind; missing weights are recorded in `notes`, not raised."""
         specs = {"inception": inception, "dinov2": dinov2, "clip": clip}
         out, notes = {}, {}
         for kind in kinds:
             try:
-                out[kind] = load_extractor(kind, specs[kind], device, local_files_only)
+                out[kind] = load_extractor(kind, specs[kind], device)
             except WeightsUnavailableError as err:
                 notes[kind] = str(err)
         return cls(**out, notes=notes)
@@ -227,37 +188,26 @@ class Extractors:
 
 def distribution_metrics(
     images: Tensor,
-    prompts: list[str] | None,
+    prompts: list[str],
     extractors: Extractors,
-    references: Callable[[], Iterable[Tensor]] | None = None,
-    reference_id: str | None = None,
+    references: tuple[str, Callable[[], Iterable[Tensor]]] | None = None,
     cache_dir: str | os.PathLike | None = None,
     batch_size: int = 64,
 ) -> dict[str, float]:
-    """FID / FD-DINOv2 / CMMD against `references` and CLIPScore against `prompts`.
-
-    Metrics whose extractor (or reference set) is missing are left out of the result.
-    """
-    if references is not None and (reference_id is None or cache_dir is None):
-        raise ValueError("references need a reference_id and a cache_dir for their statistics")
-    if prompts is not None and len(prompts) != len(images):
-        raise ValueError(f"{len(prompts)} prompts for {len(images)} images")
+    """FID, FD-DINOv2 and CMMD against `references`, CLIPScore against `prompts`, as available."""
 
     def refs(ext: FeatureExtractor, keep: bool = False) -> FeatureStats:
-        return reference_stats(ext, reference_id, references, cache_dir, keep, batch_size)
+        return reference_stats(ext, *references, cache_dir, keep, batch_size)
 
     out: dict[str, float] = {}
     for name, ext in (("fid", extractors.inception), ("fd_dinov2", extractors.dinov2)):
         if ext is not None and references is not None:
-            gen = FeatureStats.from_features(extract_features(ext, images, batch_size))
-            ref = refs(ext)
-            out[name] = frechet_distance(gen.mu, gen.sigma, ref.mu, ref.sigma)
+            out[name] = fid_from_features(extract_features(ext, images, batch_size), refs(ext))
     if extractors.clip is not None:
         emb = extract_features(extractors.clip, images, batch_size)
         if references is not None:
             out["cmmd"] = cmmd(emb, refs(extractors.clip, keep=True).features)
-        if prompts is not None:
-            chunks = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
-            text = torch.cat([extractors.clip.encode_text(list(c)) for c in chunks])
-            out["clip_score"] = float(clip_score(emb, text).mean())
+        chunks = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
+        text = torch.cat([extractors.clip.encode_text(c) for c in chunks])
+        out["clip_score"] = float(clip_score(emb, text).mean())
     return out

@@ -1,26 +1,11 @@
-"""Feature networks for the distribution metrics, each loaded from local weights or a Hugging
-Face hub name, never downloaded behind the user's back (docs/evaluation.md, "Feature networks").
-
-Every metric sees images through a `FeatureExtractor`: an nn.Module that maps images
-[B,3,H,W] in [-1,1] to features [B,D] and carries a stable `id` (the cache key) and `dim`.
-
-- `InceptionFID`: the FID InceptionV3 (TF "2015-12-05" graph as ported by pytorch-fid), built
-  here in plain PyTorch (torchvision is not a dependency) and loaded from a local
-  `.safetensors` or `.pth` state dict (read with `weights_only=True`); 2048-d pool features.
-- `DinoV2Features`: `transformers.Dinov2Model`, CLS token after the final norm (FD-DINOv2,
-  Stein et al. 2023, ViT-L/14 at 224 px).
-- `ClipFeatures`: `transformers.CLIPModel` projected image/text embeddings (CMMD, Jayasumana
-  et al. 2024, ViT-L/14@336; CLIPScore, Hessel et al. 2021).
-
-Tests build the same classes around small randomly initialised networks, so the whole
-pipeline runs without downloaded weights.
-"""
+"""Feature networks for the distribution metrics: local weights, never a silent download."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -36,8 +21,7 @@ DINOV2_DEFAULT = "facebook/dinov2-large"
 CLIP_DEFAULT = "openai/clip-vit-large-patch14-336"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -55,28 +39,19 @@ class FeatureExtractor(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"{self.id}: expected images [B,3,H,W], got {tuple(images.shape)}")
         device = next(self.parameters()).device
         return self.features(images.to(device, torch.float32)).float()
 
 
-def resize_crop(images: Tensor, size: int) -> Tensor:
-    """Resize the shorter side to `size` (bicubic, antialiased) and centre-crop to size×size."""
+def _pixel_values(images: Tensor, size: int, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """[-1,1] images, shorter side resized (bicubic) and centre-cropped to size, normalised."""
     h, w = images.shape[-2:]
     scale = size / min(h, w)
     nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
     if (nh, nw) != (h, w):
-        images = F.interpolate(
-            images, (nh, nw), mode="bicubic", align_corners=False, antialias=True
-        )
+        images = F.interpolate(images, (nh, nw), mode="bicubic", antialias=True)
     top, left = (nh - size) // 2, (nw - size) // 2
-    return images[..., top : top + size, left : left + size]
-
-
-def _pixel_values(images: Tensor, size: int, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    """[-1,1] images resized and cropped to size×size, in [0,1], normalised (x − mean) / std."""
-    x = resize_crop(images, size).add(1).div(2).clamp(0, 1)
+    x = images[..., top : top + size, left : left + size].add(1).div(2).clamp(0, 1)
     m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
     return (x - m) / torch.tensor(std, device=x.device).view(1, 3, 1, 1)
 
@@ -93,106 +68,65 @@ class _ConvBN(nn.Module):
         return F.relu(self.bn(self.conv(x)))
 
 
-def _avg3(x: Tensor) -> Tensor:
-    # the TF graph's 3×3 average pool ignores padding (count_include_pad=False)
-    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
-
-
 # (kernel, stride, padding) of the convs in the blocks; stride 1 and no padding by default
 _1, _3, _5, _3S2 = (1,), (3, 1, 1), (5, 1, 2), (3, 2)  # _3S2: a valid 3×3 that halves the map
 _R3, _C3 = ((1, 3), 1, (0, 1)), ((3, 1), 1, (1, 0))  # a 3×3 factorised into a row and a column
 _R7, _C7 = ((1, 7), 1, (0, 3)), ((7, 1), 1, (3, 0))  # the same for 7×7
 
 
-class _Block(nn.Module):
-    """An Inception block. A branch is a chain of convs named like the port's, prefix_1…n."""
+class _Mixed(nn.Module):
+    """An Inception block: conv chains named like the port's (prefix_1…n, a lone conv prefix, a
+    fork of two prefix_na, _nb), with a 1×1 and a 1×1 on a pool if `out1`, else a max pool."""
 
-    def add_chain(self, prefix: str, channels: list[int], specs: list[tuple]) -> None:
-        for i, spec in enumerate(specs):
-            self.add_module(f"{prefix}_{i + 1}", _ConvBN(channels[i], channels[i + 1], *spec))
-
-    def chain(self, x: Tensor, prefix: str, n: int) -> Tensor:
-        for i in range(1, n + 1):
-            x = getattr(self, f"{prefix}_{i}")(x)
-        return x
-
-
-class _BlockAC(_Block):
-    """Mixed_5b–d (A) and Mixed_6b–e (C): a 1×1, conv chains and a 1×1 on an average pool."""
-
-    def __init__(self, cin: int, out1: int, pool: int, *chains: tuple[str, list, list]) -> None:
+    def __init__(
+        self, cin: int, chains: list, out1: int = 0, pool: int = 0, max_pool: bool = False
+    ) -> None:
         super().__init__()
-        self.branch1x1 = _ConvBN(cin, out1, *_1)
-        for prefix, channels, specs in chains:
-            self.add_chain(prefix, [cin, *channels], specs)
-        self.branch_pool = _ConvBN(cin, pool, *_1)
-        self.chains = [(prefix, len(specs)) for prefix, _, specs in chains]
+        self.max_pool, self.branches = max_pool, []
+        # the TF graph's average pools ignore padding; its last block max-pools instead
+        self.pool = F.max_pool2d if max_pool else partial(F.avg_pool2d, count_include_pad=False)
+        ends = [("branch1x1", [out1], [_1]), *chains, ("branch_pool", [pool], [_1])]
+        for prefix, channels, specs, *fork in ends if out1 else chains:
+            n = len(specs) - 2 * len(fork)  # convs before the fork
+            names = [prefix] if len(specs) == 1 else [f"{prefix}_{i + 1}" for i in range(n)]
+            tails = [f"{prefix}_{n + 1}{t}" for t in "ab"] if fork else []
+            chans = [cin, *channels]
+            for i, name in enumerate(names + tails):
+                j = min(i, n)  # both convs of a fork read the chain's output
+                self.add_module(name, _ConvBN(chans[j], chans[j + 1], *specs[i]))
+            self.branches.append((names, tails))
 
     def forward(self, x: Tensor) -> Tensor:
-        chains = [self.chain(x, prefix, n) for prefix, n in self.chains]
-        return torch.cat([self.branch1x1(x), *chains, self.branch_pool(_avg3(x))], 1)
+        outs = []
+        for names, tails in self.branches:
+            y = self.pool(x, 3, stride=1, padding=1) if names == ["branch_pool"] else x
+            for name in names:
+                y = getattr(self, name)(y)
+            outs += [getattr(self, t)(y) for t in tails] or [y]
+        if "branch_pool" not in self._modules:
+            outs.append(F.max_pool2d(x, 3, stride=2))
+        return torch.cat(outs, 1)
 
 
-def _block_a(cin: int, pool: int) -> _BlockAC:
+def _block_a(cin: int, pool: int) -> _Mixed:
     b5, b3 = ("branch5x5", [48, 64], [_1, _5]), ("branch3x3dbl", [64, 96, 96], [_1, _3, _3])
-    return _BlockAC(cin, 64, pool, b5, b3)
+    return _Mixed(cin, [b5, b3], 64, pool)
 
 
-def _block_c(cin: int, c7: int) -> _BlockAC:
+def _block_c(cin: int, c7: int) -> _Mixed:
     b7 = ("branch7x7", [c7, c7, 192], [_1, _R7, _C7])
     dbl = ("branch7x7dbl", [c7, c7, c7, c7, 192], [_1, _C7, _R7, _C7, _R7])
-    return _BlockAC(cin, 192, 192, b7, dbl)
+    return _Mixed(cin, [b7, dbl], 192, 192)
 
 
-class _BlockB(_Block):
-    def __init__(self, cin: int) -> None:
-        super().__init__()
-        self.branch3x3 = _ConvBN(cin, 384, *_3S2)
-        self.add_chain("branch3x3dbl", [cin, 64, 96, 96], [_1, _3, _3S2])
-
-    def forward(self, x: Tensor) -> Tensor:
-        b3 = self.chain(x, "branch3x3dbl", 3)
-        return torch.cat([self.branch3x3(x), b3, F.max_pool2d(x, 3, stride=2)], 1)
-
-
-class _BlockD(_Block):
-    def __init__(self, cin: int) -> None:
-        super().__init__()
-        self.add_chain("branch3x3", [cin, 192, 320], [_1, _3S2])
-        self.add_chain("branch7x7x3", [cin, 192, 192, 192, 192], [_1, _R7, _C7, _3S2])
-
-    def forward(self, x: Tensor) -> Tensor:
-        b3, b7 = self.chain(x, "branch3x3", 2), self.chain(x, "branch7x7x3", 4)
-        return torch.cat([b3, b7, F.max_pool2d(x, 3, stride=2)], 1)
-
-
-class _BlockE(_Block):
-    def __init__(self, cin: int, max_pool: bool) -> None:
-        super().__init__()
-        self.max_pool = max_pool  # the last block of the TF graph max-pools its pool branch
-        self.branch1x1 = _ConvBN(cin, 320, *_1)
-        self.branch3x3_1 = _ConvBN(cin, 384, *_1)
-        self.branch3x3_2a = _ConvBN(384, 384, *_R3)
-        self.branch3x3_2b = _ConvBN(384, 384, *_C3)
-        self.add_chain("branch3x3dbl", [cin, 448, 384], [_1, _3])
-        self.branch3x3dbl_3a = _ConvBN(384, 384, *_R3)
-        self.branch3x3dbl_3b = _ConvBN(384, 384, *_C3)
-        self.branch_pool = _ConvBN(cin, 192, *_1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        a, d = self.branch3x3_1(x), self.chain(x, "branch3x3dbl", 2)
-        pooled = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else _avg3(x)
-        split = [self.branch3x3_2a(a), self.branch3x3_2b(a)]  # one input, two branches
-        split += [self.branch3x3dbl_3a(d), self.branch3x3dbl_3b(d)]
-        return torch.cat([self.branch1x1(x), *split, self.branch_pool(pooled)], 1)
+def _block_e(cin: int, max_pool: bool) -> _Mixed:
+    b3 = ("branch3x3", [384, 384], [_1, _R3, _C3], "fork")
+    dbl = ("branch3x3dbl", [448, 384, 384], [_1, _3, _R3, _C3], "fork")
+    return _Mixed(cin, [b3, dbl], 320, 192, max_pool)
 
 
 class InceptionFID(FeatureExtractor):
-    """The FID InceptionV3: images resized to 299 (bilinear) → 2048-d pool3 features.
-
-    Parameter names follow the pytorch-fid port of TF's inception-2015-12-05 so its state dict
-    (`pt_inception-2015-12-05-6726825d.pth`) loads as is (the 1008-way `fc` is not needed).
-    """
+    """The FID InceptionV3 (2048-d pool3), named so pytorch-fid's state dict loads as is."""
 
     dim = 2048
 
@@ -207,14 +141,16 @@ class InceptionFID(FeatureExtractor):
         self.Mixed_5b = _block_a(192, 32)
         self.Mixed_5c = _block_a(256, 64)
         self.Mixed_5d = _block_a(288, 64)
-        self.Mixed_6a = _BlockB(288)
+        b3, dbl = ("branch3x3", [384], [_3S2]), ("branch3x3dbl", [64, 96, 96], [_1, _3, _3S2])
+        self.Mixed_6a = _Mixed(288, [b3, dbl])
         self.Mixed_6b = _block_c(768, 128)
         self.Mixed_6c = _block_c(768, 160)
         self.Mixed_6d = _block_c(768, 160)
         self.Mixed_6e = _block_c(768, 192)
-        self.Mixed_7a = _BlockD(768)
-        self.Mixed_7b = _BlockE(1280, max_pool=False)
-        self.Mixed_7c = _BlockE(2048, max_pool=True)
+        b7 = ("branch7x7x3", [192] * 4, [_1, _R7, _C7, _3S2])
+        self.Mixed_7a = _Mixed(768, [("branch3x3", [192, 320], [_1, _3S2]), b7])
+        self.Mixed_7b = _block_e(1280, max_pool=False)
+        self.Mixed_7c = _block_e(2048, max_pool=True)
         self.eval()
 
     def features(self, images: Tensor) -> Tensor:
@@ -238,15 +174,13 @@ class InceptionFID(FeatureExtractor):
             state = torch.load(path, map_location="cpu", weights_only=True)
         digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
         model = cls(id=f"inception-v3-fid@{digest}")
-        wanted = model.state_dict()
-        state = {k: v for k, v in state.items() if k in wanted}
-        missing = sorted(set(wanted) - set(state) - {k for k in wanted if "num_batches" in k})
+        loaded = model.load_state_dict(state, strict=False)  # the 1008-way fc is left out
+        missing = [k for k in loaded.missing_keys if "num_batches" not in k]
         if missing:
             raise WeightsUnavailableError(
                 f"{path} is not an FID InceptionV3 state dict: {len(missing)} tensors missing, "
                 f"e.g. {missing[:3]}. " + _inception_help("wrong file")
             )
-        model.load_state_dict(state, strict=False)
         return model
 
 
@@ -308,10 +242,9 @@ class ClipFeatures(FeatureExtractor):
 def _hf_load(cls_name: str, spec: str, what: str, flag: str, local_files_only: bool):
     import transformers
 
-    local = Path(spec).exists()
     try:
         return getattr(transformers, cls_name).from_pretrained(
-            spec, local_files_only=local_files_only or local
+            spec, local_files_only=local_files_only or Path(spec).exists()
         )
     except (OSError, ValueError) as err:
         raise WeightsUnavailableError(
@@ -326,12 +259,7 @@ def _hf_load(cls_name: str, spec: str, what: str, flag: str, local_files_only: b
 def load_extractor(
     kind: str, spec: str | None = None, device: str = "cpu", local_files_only: bool | None = None
 ) -> FeatureExtractor:
-    """Load "inception", "dinov2" or "clip" from a local path or hub name (defaults per kind).
-
-    Hub names are read from the local Hugging Face cache only, unless local_files_only=False
-    or GREEDYGROW_ALLOW_DOWNLOAD=1 (as for text encoders). Raises WeightsUnavailableError
-    naming what is missing and how to provide it.
-    """
+    """Load "inception", "dinov2" or "clip" from a local path or hub name (defaults per kind)."""
     if local_files_only is None:
         local_files_only = not downloads_allowed()
     if kind == "inception":

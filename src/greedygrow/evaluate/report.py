@@ -1,11 +1,4 @@
-"""`greedygrow evaluate`: measure one or more runs on a prompt set (greedygrow.evaluate.runs)
-and write the report. The output folder gets:
-
-- ``metrics.json``: settings, alignment summary, distribution metrics and per-sample results
-  for every run;
-- ``report.html``: one self-contained page (plots and thumbnails embedded as base64 PNG);
-- ``samples/<run>/p<prompt>-s<seed>.png``: every generated image.
-"""
+"""`greedygrow evaluate`: measure runs, write metrics.json, report.html and samples/."""
 
 from __future__ import annotations
 
@@ -13,7 +6,6 @@ import base64
 import html
 import io
 import json
-import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -42,14 +34,14 @@ THUMB = 128  # thumbnail side in the HTML report
 FD_MIN_IMAGES = 10_000  # below this, the report warns that FID / FD-DINOv2 are biased upwards
 
 
-def _png_b64(image: Image.Image | Figure) -> str:
-    """A PIL image or a matplotlib figure as base64 PNG."""
+def _png_src(image: Image.Image | Figure) -> str:
+    """A PIL image or a matplotlib figure as a base64 PNG data URI."""
     buf = io.BytesIO()
     if isinstance(image, Image.Image):
         image.save(buf, format="PNG")
     else:
         image.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def _figure(**kwargs: Any) -> Figure:
@@ -69,7 +61,7 @@ def _loss_plot(evals: Sequence[RunEvaluation]) -> str:
         ax.plot(steps[k - 1 :], smooth, label=e.name, color=ax.lines[-1].get_color())
     ax.set(xlabel="step", ylabel="training loss", yscale="log", title="Training loss")
     ax.legend()
-    return _png_b64(ax.figure)
+    return _png_src(ax.figure)
 
 
 def _alignment_plot(scored: Sequence[RunEvaluation]) -> str:
@@ -91,7 +83,7 @@ def _alignment_plot(scored: Sequence[RunEvaluation]) -> str:
     axes[1].set_xticks(np.arange(1, 6) + 0.4 - width / 2, [str(n) for n in range(1, 6)])
     axes[1].set(ylim=(0, 1), xlabel="objects asked for", ylabel="exact count accuracy")
     axes[1].set_title("Counting accuracy per number")
-    return _png_b64(axes[0].figure)
+    return _png_src(axes[0].figure)
 
 
 def _confusion_plot(scored: Sequence[RunEvaluation]) -> str:
@@ -108,17 +100,22 @@ def _confusion_plot(scored: Sequence[RunEvaluation]) -> str:
         ax.set_xticks(range(m.shape[1]), cm["predicted"])
         ax.set_yticks(range(m.shape[0]), [str(t) for t in cm["true"]])
         ax.set(xlabel="counted in the image", ylabel="asked for", title=e.name)
-    return _png_b64(fig)
+    return _png_src(fig)
 
 
-def _plots(evals: Sequence[RunEvaluation]) -> dict[str, str]:
-    """Base64 PNG plots by key: alignment, confusion (of scored runs) and loss (of logged ones)."""
-    out: dict[str, str] = {}
-    scored = [e for e in evals if e.alignment_summary]
-    if scored:
-        out["alignment"], out["confusion"] = _alignment_plot(scored), _confusion_plot(scored)
-    if any(e.loss for e in evals):
-        out["loss"] = _loss_plot([e for e in evals if e.loss])
+def _plots(evals: Sequence[RunEvaluation]) -> list[str]:
+    """The report's plot sections: alignment and confusion of scored runs, loss of logged ones."""
+    scored, logged = [e for e in evals if e.alignment_summary], [e for e in evals if e.loss]
+    out = []
+    for title, plot, runs in (
+        ("Alignment", _alignment_plot, scored),
+        ("Count confusion matrix", _confusion_plot, scored),
+        ("Training loss", _loss_plot, logged),
+    ):
+        if runs:
+            out.append(f"<h2>{title}</h2><img alt='{title}' src='{plot(runs)}'>")
+    if not logged:
+        out.append("<p class='note'>No training loss: the runs have no metrics.jsonl.</p>")
     return out
 
 
@@ -155,32 +152,22 @@ _METRIC_ROWS = [
     ("CLIPScore ↑", lambda e: e.distribution.get("clip_score")),
 ]
 
-_PLOT_TITLES = {
-    "alignment": "Alignment",
-    "confusion": "Count confusion matrix",
-    "loss": "Training loss",
-}
-
 
 def _al(e: RunEvaluation, *keys: str) -> float | None:
     v: Any = e.alignment_summary
     for k in keys:
-        if not isinstance(v, dict) or k not in v:
-            return None
-        v = v[k]
+        v = v.get(k) if isinstance(v, dict) else None
     return v
 
 
 def _fmt(v: float | None) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
+    if v is None:
         return "—"
     return f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
 
 
 def _thumb(img: Tensor) -> Image.Image:
     pil = as_pil(img)
-    if pil.width == THUMB:
-        return pil
     up = pil.width < THUMB  # small samples are enlarged pixel for pixel
     return pil.resize((THUMB, THUMB), Image.Resampling.NEAREST if up else Image.Resampling.LANCZOS)
 
@@ -225,8 +212,7 @@ def _sample_cell(e: RunEvaluation, i: int) -> str:
         label += f" · {r.score:.2f}"
         wrong = zip(r.questions, r.answers, r.correct, strict=True)
         tip = "; ".join(f"{q.text} → {a}" for q, a, c in wrong if not c)
-    src = f"data:image/png;base64,{_png_b64(_thumb(e.images[i]))}"
-    esc = html.escape
+    src, esc = _png_src(_thumb(e.images[i])), html.escape
     return f"<div class='{cls}' title='{esc(tip)}'><img alt='sample' src='{src}'>{esc(label)}</div>"
 
 
@@ -251,7 +237,7 @@ def _samples(evals: Sequence[RunEvaluation], prompts: PromptSet, max_prompts: in
 
 def render_html(evals: Sequence[RunEvaluation], prompts: PromptSet, max_prompts: int = 60) -> str:
     """The self-contained HTML report."""
-    e0, esc, plots = evals[0], html.escape, _plots(evals)
+    e0, esc = evals[0], html.escape
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'>",
         f"<title>greedygrow evaluation: {esc(', '.join(e.name for e in evals))}</title>",
@@ -262,14 +248,11 @@ def render_html(evals: Sequence[RunEvaluation], prompts: PromptSet, max_prompts:
         "<h2>Runs</h2>" + _table(evals, "setting", _RUN_ROWS, str),
         "<h2>Metrics</h2>" + _table(evals, "metric", _METRIC_ROWS, _fmt),
         *_caveats(evals),
+        *_plots(evals),
+        *_samples(evals, prompts, max_prompts),
+        "</body></html>",
     ]
-    for key, title in _PLOT_TITLES.items():
-        if key in plots:
-            src = f"data:image/png;base64,{plots[key]}"
-            parts.append(f"<h2>{title}</h2><img alt='{key}' src='{src}'>")
-    if "loss" not in plots:
-        parts.append("<p class='note'>No training loss: the runs have no metrics.jsonl.</p>")
-    return "\n".join([*parts, *_samples(evals, prompts, max_prompts), "</body></html>"])
+    return "\n".join(parts)
 
 
 def _sample_file(e: RunEvaluation, i: int) -> str:
@@ -309,11 +292,6 @@ def write_report(
     evals: Sequence[RunEvaluation], prompts: PromptSet, out_dir: str | os.PathLike
 ) -> dict[str, Path]:
     """Write metrics.json, report.html and samples/<run>/*.png into `out_dir`."""
-    if not evals:
-        raise ValueError("write_report: no runs")
-    names = [e.name for e in evals]
-    if len(set(names)) != len(names):
-        raise ValueError(f"write_report: run names must be distinct, got {names}")
     out = Path(out_dir)
     for e in evals:
         (out / "samples" / e.name).mkdir(parents=True, exist_ok=True)
@@ -346,16 +324,13 @@ def evaluate(
     cache_dir: str | os.PathLike | None = None,
     progress: Callable[[str], None] | None = print,
 ) -> dict[str, Path]:
-    """The `greedygrow evaluate` command: evaluate `model` (and `compare` runs), write the
-    report into `out`. Returns the paths written."""
+    """`greedygrow evaluate`: measure `model` and the `compare` runs, write the report to `out`."""
     if references is not None and not Path(references).is_dir():  # fail before sampling
         raise FileNotFoundError(f"--references {references}: not a folder of images")
     prompts = read_prompts(prompts_file) if prompts_file else builtin_prompts(count)
     runs = [model, *compare]
     evals = [
-        evaluate_run(
-            r, prompts, settings, extractors, references, cache_dir, name=n, progress=progress
-        )
+        evaluate_run(r, prompts, settings, extractors, references, cache_dir, n, progress)
         for r, n in zip(runs, unique_names(runs), strict=True)
     ]
     return write_report(evals, prompts, out)

@@ -1,11 +1,8 @@
-"""One run measured on a prompt set: sample every prompt once per seed with the chosen sampler,
-score alignment on every prompt that is a scenes caption (built-in prompts always are),
-compute the distribution metrics whose feature networks and reference images are available,
-and read the training loss from RUN/metrics.jsonl (docs/evaluation.md).
-"""
+"""One run measured on a prompt set: samples, alignment, distribution metrics, loss curve."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -29,7 +26,7 @@ from greedygrow.evaluate.distribution import Extractors, distribution_metrics
 from greedygrow.sampling import sample, uvit_denoiser
 from greedygrow.text import shared_text_encoder
 
-STATS_CACHE = Path.home() / ".cache" / "greedygrow" / "reference-stats"
+References = tuple[str, Callable[[], Iterable[Tensor]]]  # (cache id, batches [B,3,R,R] in [−1,1])
 
 
 @dataclass(frozen=True)
@@ -51,14 +48,9 @@ class Settings:
         if min(self.seeds) < 0 or max(self.seeds) >= 10_000:
             raise ValueError(f"--seeds {list(self.seeds)}: seeds must lie in [0, 10000)")
         if self.batch_size < 1 or self.steps < 1:
-            raise ValueError(
-                f"--batch-size {self.batch_size} and --steps {self.steps} must be >= 1"
-            )
+            raise ValueError(f"--batch-size {self.batch_size}, --steps {self.steps}: must be >= 1")
         if self.resolution is not None and not 16 <= self.resolution <= 4096:
             raise ValueError(f"--resolution {self.resolution}: choose 16 to 4096 px")
-
-    def image_seed(self, prompt: int, seed: int) -> int:
-        return 10_000 * prompt + seed
 
 
 @dataclass
@@ -81,16 +73,12 @@ def builtin_prompts(count: int) -> PromptSet:
 
 
 def read_prompts(path: str | os.PathLike) -> PromptSet:
-    """One prompt per line (blank lines and lines starting with # skipped); prompts that parse
-    as scenes captions ("two red circles and a striped blue star") are scored for alignment."""
+    """One prompt per line (# comments); scenes captions among them get their ground truth."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--prompts {path}: no such file (one prompt per line)")
-    captions = [
-        ln.strip()
-        for ln in path.read_text(encoding="utf-8").splitlines()
-        if ln.strip() and not ln.lstrip().startswith("#")
-    ]
+    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    captions = [ln for ln in lines if ln and not ln.startswith("#")]
     scenes: list[Scene | None] = []
     for caption in captions:
         groups = parse_caption(caption)
@@ -122,31 +110,16 @@ class RunEvaluation:
 def read_loss_curve(run_dir: str | os.PathLike) -> list[tuple[int, float]]:
     """(step, loss) pairs from RUN/metrics.jsonl (empty if absent); malformed lines skipped."""
     path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
     out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
+    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
+        with contextlib.suppress(ValueError, KeyError, TypeError):
             row = json.loads(line)
             out.append((int(row["step"]), float(row["loss"])))
-        except (ValueError, KeyError, TypeError):
-            continue
     return out
-
-
-def _to_uint8(x: Tensor) -> Tensor:
-    # p = round((x + 1) · 127.5), x ∈ [−1, 1] → p ∈ [0, 255]
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 def as_pil(image: Tensor) -> Image.Image:
     return Image.fromarray(image.permute(1, 2, 0).numpy())  # uint8 [3, H, W] → PIL
-
-
-def _resize(images: Tensor, resolution: int) -> Tensor:
-    size, bicubic = (resolution, resolution), Image.Resampling.BICUBIC
-    out = [torch.from_numpy(np.array(as_pil(img).resize(size, bicubic))) for img in images]
-    return torch.stack(out).permute(0, 3, 1, 2)
 
 
 @torch.no_grad()
@@ -156,60 +129,36 @@ def sample_prompts(
     settings: Settings,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[Tensor, list[int], list[int], dict[str, Any]]:
-    """Sample every caption once per seed: (uint8 images [N,3,R,R], prompt index per image,
-    image seeds, run meta). Image i depends only on its own seed (docs/method.md, "Sampling")."""
+    """Sample every caption once per seed: (uint8 images, prompt index and seed per image, meta)."""
     model, meta = load_model(run_dir, ema=settings.ema, device=settings.device)
-    encoder = shared_text_encoder(
-        meta["text_encoder"], int(meta.get("text_max_length", 32)), settings.device
-    )
+    max_length = int(meta.get("text_max_length", 32))
+    encoder = shared_text_encoder(meta["text_encoder"], max_length, settings.device)
     schedule = Schedule.from_dict(meta["schedule"])
     guidance = float(meta.get("guidance", 1.0) if settings.guidance is None else settings.guidance)
     res = model.shell_config.resolution
-    jobs = [(p, settings.image_seed(p, s)) for p in range(len(captions)) for s in settings.seeds]
+    jobs = [(p, 10_000 * p + s) for p in range(len(captions)) for s in settings.seeds]
+    kw = dict(
+        steps=settings.steps, sampler=settings.sampler, guidance=guidance, device=settings.device
+    )
     images = []
     for start in range(0, len(jobs), settings.batch_size):
         batch = jobs[start : start + settings.batch_size]
         text = encoder.encode([captions[p] for p, _ in batch]).to(settings.device)
         denoise = uvit_denoiser(model, text.tokens, text.mask, text.pooled)
-        x = sample(
-            denoise,
-            (len(batch), 3, res, res),
-            schedule,
-            steps=settings.steps,
-            sampler=settings.sampler,
-            guidance=guidance,
-            seeds=[s for _, s in batch],
-            device=settings.device,
-        )
-        images.append(_to_uint8(x.cpu()))
+        x = sample(denoise, (len(batch), 3, res, res), schedule, seeds=[s for _, s in batch], **kw)
+        # p = round((x + 1) · 127.5), x ∈ [−1, 1] → p ∈ [0, 255]
+        images.append(((x.cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
         if progress is not None:
             progress(f"{Path(run_dir).name}: {start + len(batch)}/{len(jobs)} images")
     meta = {**meta, "guidance_used": guidance}
     return torch.cat(images), [p for p, _ in jobs], [s for _, s in jobs], meta
 
 
-def score_alignment(
-    images: Tensor, prompt_of: Sequence[int], prompts: PromptSet
-) -> tuple[list[PromptResult | None], dict[str, Any] | None]:
-    """Alignment results per image (None where the prompt has no scene ground truth)."""
-    results: list[PromptResult | None] = []
-    for img, p in zip(images, prompt_of, strict=True):
-        scene, caption = prompts.scenes[p], prompts.captions[p]
-        results.append(None if scene is None else score_image(as_pil(img), scene, caption))
-    scored = [r for r in results if r is not None]
-    return results, (summarize(scored) if scored else None)
-
-
-def folder_references(
-    root: str | os.PathLike, resolution: int, batch_size: int = 64
-) -> tuple[Callable[[], Iterable[Tensor]], str]:
-    """(batches of reference images [B,3,R,R] in [−1,1], cache id) for a folder of images;
-    undecodable files are skipped with a warning. The id changes with the folder's files."""
+def folder_references(root: str | os.PathLike, resolution: int) -> References:
+    """(cache id, batches in [−1,1]) of a folder of images; undecodable files are skipped."""
     from greedygrow.data.transforms import prepare_image
 
     root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"--references {root}: not a folder of images")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower()[1:] in IMAGE_EXTENSIONS)
     if len(files) < 2:
         raise ValueError(f"--references {root}: found {len(files)} images; need at least 2")
@@ -228,7 +177,7 @@ def folder_references(
             except Exception:  # any undecodable file is bad input: skipped and counted
                 bad += 1
                 continue
-            if len(batch) == batch_size:
+            if len(batch) == 64:
                 yield torch.stack(batch)
                 batch = []
         if batch:
@@ -236,12 +185,10 @@ def folder_references(
         if bad:
             warnings.warn(f"--references {root}: skipped {bad} undecodable images", stacklevel=2)
 
-    return batches, ref_id
+    return ref_id, batches
 
 
-def scene_references(
-    prompts: PromptSet, resolution: int
-) -> tuple[Callable[[], Iterable[Tensor]], str] | None:
+def scene_references(prompts: PromptSet, resolution: int) -> References | None:
     """Ground-truth renders of the scene prompts as the reference set (None if none are)."""
     scenes = [s for s in prompts.scenes if s is not None]
     if len(scenes) < 2:
@@ -253,7 +200,7 @@ def scene_references(
             yield torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
     truth = hashlib.sha256(json.dumps([s.to_dict() for s in scenes]).encode()).hexdigest()
-    return batches, f"{prompts.source}:truth:{truth[:16]}@{resolution}"
+    return f"{prompts.source}:truth:{truth[:16]}@{resolution}", batches
 
 
 def _distribution(
@@ -274,10 +221,8 @@ def _distribution(
     refs = folder_references(references, res) if references else scene_references(prompts, res)
     if refs is None:
         notes["references"] = "no reference images: FID, FD-DINOv2 and CMMD skipped"
-    ref_images, ref_id = refs or (None, None)
-    x = images.float() / 127.5 - 1.0  # x = p / 127.5 − 1, the inverse of _to_uint8
-    cache = cache_dir or STATS_CACHE
-    return distribution_metrics(x, captions, extractors, ref_images, ref_id, cache), notes
+    x = images.float() / 127.5 - 1.0  # x = p / 127.5 − 1, the inverse of the sampler's p
+    return distribution_metrics(x, captions, extractors, refs, cache_dir), notes
 
 
 def evaluate_run(
@@ -290,15 +235,18 @@ def evaluate_run(
     name: str | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> RunEvaluation:
-    """Sample, score alignment and distribution metrics, and read the loss curve of a run.
-
-    references: a folder of images, or None to use the scene prompts' ground-truth renders.
-    """
+    """Sample a run and measure it; `references`: a folder, else the scene prompts' renders."""
     images, prompt_of, seeds, meta = sample_prompts(run_dir, prompts.captions, settings, progress)
     if settings.resolution is not None and settings.resolution != images.shape[-1]:
-        images = _resize(images, settings.resolution)
-    results, summary = score_alignment(images, prompt_of, prompts)
+        size, bicubic = (settings.resolution,) * 2, Image.Resampling.BICUBIC
+        resized = [np.array(as_pil(img).resize(size, bicubic)) for img in images]
+        images = torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2)
     captions = [prompts.captions[p] for p in prompt_of]
+    results = [
+        None if (scene := prompts.scenes[p]) is None else score_image(as_pil(img), scene, caption)
+        for img, p, caption in zip(images, prompt_of, captions, strict=True)
+    ]
+    scored = [r for r in results if r is not None]
     dist, notes = _distribution(images, captions, prompts, extractors, references, cache_dir)
     return RunEvaluation(
         name=name or Path(run_dir).name,
@@ -318,7 +266,7 @@ def evaluate_run(
         prompt_of=prompt_of,
         seeds=seeds,
         alignment=results,
-        alignment_summary=summary,
+        alignment_summary=summarize(scored) if scored else None,
         distribution=dist,
         distribution_notes=notes,
         loss=read_loss_curve(run_dir),

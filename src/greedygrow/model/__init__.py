@@ -14,23 +14,3 @@ from greedygrow.model.presets import (
 )
 from greedygrow.model.shell import Shell, ShellConfig
 from greedygrow.model.uvit import UViT, count_flops, count_parameters
-
-__all__ = [
-    "CORE_PRESETS",
-    "SHELL_FAMILIES",
-    "SHELL_PRESETS",
-    "Conditioning",
-    "Core",
-    "CoreConfig",
-    "Shell",
-    "ShellConfig",
-    "ShellFamily",
-    "UViT",
-    "core_preset",
-    "count_flops",
-    "count_parameters",
-    "flop_counter",
-    "preset_family",
-    "preset_table",
-    "shell_preset",
-]

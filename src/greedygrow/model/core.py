@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from greedygrow.fields import DictSpec
+from greedygrow.fields import DictSpec, check_positive_ints
 from greedygrow.model.layers import (
     Linear,
     RMSNorm,
@@ -42,19 +42,7 @@ class CoreConfig(DictSpec):
     fourier_dim: int = 256  # Fourier features of λ
 
     def __post_init__(self) -> None:
-        for name in (
-            "width",
-            "depth",
-            "heads",
-            "grid",
-            "text_dim",
-            "text_len",
-            "null_tokens",
-            "fourier_dim",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"CoreConfig.{name} must be a positive int, got {value!r}")
+        check_positive_ints(self, "CoreConfig")
         if self.width % self.heads:
             raise ValueError(
                 f"CoreConfig: width {self.width} is not divisible by heads {self.heads}; "

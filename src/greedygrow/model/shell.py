@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from greedygrow.fields import DictSpec
+from greedygrow.fields import DictSpec, check_positive_ints
 from greedygrow.model.layers import Conv2d, GroupNorm, Linear, checkpointed
 
 IMAGE_CHANNELS = 3
@@ -48,10 +48,7 @@ class ShellConfig(DictSpec):
         where = f"ShellConfig(kind={self.kind!r}, resolution={self.resolution}, grid={self.grid})"
         if self.kind not in ("shallow", "grown"):
             raise ValueError(f"{where}: kind must be 'shallow' or 'grown'")
-        for name in ("resolution", "grid", "norm_groups", "dropout_max_resolution"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{where}: {name} must be a positive int, got {value!r}")
+        check_positive_ints(self, where)
         ratio = self.resolution // self.grid
         if self.resolution % self.grid or not _is_power_of_two(ratio):
             raise ValueError(f"{where}: the resolution must be the grid times a power of two")
