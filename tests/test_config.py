@@ -9,7 +9,6 @@ from greedygrow.config import (
     GrowConfig,
     config_diff,
     load_config,
-    read_config,
     resolve,
     save_config,
     shell_config,
@@ -137,7 +136,7 @@ def test_saved_config_reads_back_equal(tmp_path):
         ["run.steps=3", "model.core_overrides.depth=1", "model.shell_overrides.channels=[32]"]
     )
     save_config(cfg, tmp_path / "config.yaml")
-    back = read_config(tmp_path / "config.yaml")
+    back = load_config(tmp_path / "config.yaml")
     assert back == cfg
     assert shell_config(back).channels == (32,)
 

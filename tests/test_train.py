@@ -21,7 +21,7 @@ from greedygrow.config import (
     ConfigError,
     core_config,
     grow_config,
-    read_config,
+    load_config,
     shell_config,
     train_core_config,
 )
@@ -248,7 +248,7 @@ def test_extending_an_unfreeze_run_keeps_its_unfreeze_step(core_run, tmp_path, c
     assert first.grow.freeze_steps == 1  # the default, 4 // 4
     with caplog.at_level(logging.WARNING):
         _grow(core_run, run, "unfreeze", 8, cache, extra=cosine)
-    assert read_config(run / "config.yaml").grow.freeze_steps == 1  # not 8 // 4
+    assert load_config(run / "config.yaml").grow.freeze_steps == 1  # not 8 // 4
     assert _logged(run, "core_frozen") == [True] + [False] * 7
     assert "learning rate jumps" in caplog.text
     _grow(core_run, run, "unfreeze", 8, cache, extra=cosine)  # the same command again: resumes

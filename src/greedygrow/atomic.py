@@ -36,12 +36,8 @@ _FILE_MODE = 0o666 & ~_current_umask()  # what open() would give; mkstemp alone 
 
 
 def atomic_write(path: str | os.PathLike, write_fn: Callable[[IO[bytes]], Any]) -> Path:
-    """Write ``path`` all-or-nothing: ``write_fn(f)`` fills a temp file beside it, then rename.
-
-    The temp file lives in the same directory (so ``os.replace`` is atomic), is fsynced before
-    the rename and removed if ``write_fn`` raises. Readers see the old file or the new one,
-    never a half-written one.
-    """
+    """Write ``path`` all-or-nothing: ``write_fn(f)`` fills a temp file beside it (removed if
+    it raises), which is fsynced and renamed over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{TMP_PREFIX}{path.name}.")

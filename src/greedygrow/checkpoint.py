@@ -1,14 +1,6 @@
-"""Training states (resume), safetensors exports of weights + meta, and strict loading.
-
-Layout of a run folder (docs/training.md, The run folder)::
-
-    RUN/state/step-XXXXXXXX.pt      training states, the last K kept (torch.save, weights_only)
-    RUN/model.safetensors + .json   exported EMA weights + meta (core/shell config, ...)
-    RUN/model-raw.safetensors+.json exported raw (non-EMA) weights + meta
-
-Nothing here is ever unpickled: states load with ``torch.load(weights_only=True)`` and
-weights with safetensors.
-"""
+"""Training states (RUN/state/step-XXXXXXXX.pt), safetensors exports of weights + meta
+(RUN/model.safetensors, RUN/model-raw.safetensors) and strict loading; docs/training.md, "The
+run folder". Nothing is ever unpickled: states load with ``torch.load(weights_only=True)``."""
 
 from __future__ import annotations
 
@@ -174,13 +166,12 @@ def _export_tensors(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     seen: set[int] = set()
     for name, t in state.items():
-        if not isinstance(t, Tensor):
-            raise TypeError(f"export: {name} is a {type(t).__name__}, not a tensor")
         if type(t) is not Tensor and not isinstance(t, nn.Parameter):
             raise TypeError(
-                f"export: {name} is a {type(t).__name__} (sharded?); gather a full CPU state "
-                "dict first, e.g. torch.distributed.checkpoint.state_dict.get_model_state_dict("
-                "model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))"
+                f"export: {name} is a {type(t).__name__}, not a plain tensor (sharded?); gather "
+                "a full CPU state dict first, e.g. torch.distributed.checkpoint.state_dict."
+                "get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, "
+                "cpu_offload=True))"
             )
         t = t.detach().to("cpu").contiguous()
         storage = t.untyped_storage()
@@ -198,14 +189,10 @@ def export_model(
     meta: dict,
     name: str = "model",
 ) -> Path:
-    """Write ``RUN/{name}.safetensors`` (weights) and ``RUN/{name}.json`` (meta), atomically.
-
-    ``model`` is a UViT (DDP/compile wrappers are unwrapped) or a full state dict (e.g. gathered
-    from FSDP2). ``meta`` must be JSON-serialisable; ``core`` and ``shell`` (config dicts) are
-    filled from the model when it carries them, and are required. The meta is also stored in
-    the safetensors header, so a lone ``.safetensors`` file is self-describing.
-    Returns the path of the ``.safetensors`` file.
-    """
+    """Atomically write ``RUN/{name}.safetensors`` (weights, and the meta in its header, so a
+    lone file is self-describing) and ``RUN/{name}.json`` (``meta``); returns the first. ``model``
+    is a (wrapped) UViT or a full state dict; ``meta`` must be JSON and hold the ``core`` and
+    ``shell`` config dicts, taken from the model when it carries them."""
     meta = dict(meta)
     if isinstance(model, nn.Module):
         model = unwrap_model(model)
@@ -236,35 +223,27 @@ def export_model(
     return weights
 
 
-def _weights_and_meta_paths(source: str | os.PathLike, ema: bool = True) -> tuple[Path, Path]:
-    """Resolve a run folder or a .safetensors file to (weights path, sibling json path)."""
-    source = Path(source)
-    if source.is_file() and source.suffix == ".safetensors":
-        return source, source.with_suffix(".json")
-    if not source.exists():
+def _exported(source: str | os.PathLike, ema: bool = True) -> tuple[Path, dict]:
+    """The weights file of a run folder (EMA or raw) or a .safetensors file, and its meta: the
+    sibling JSON if present, else the safetensors header."""
+    weights = Path(source)
+    if weights.is_dir():
+        weights = weights / ("model.safetensors" if ema else "model-raw.safetensors")
+        if not weights.is_file():
+            raise FileNotFoundError(
+                f"{source} has no {weights.name}: train it first or point --model at a run folder"
+            )
+    elif not weights.exists():
         raise FileNotFoundError(
             f"{source} does not exist: point --model/--core at a run folder "
             "(one holding model.safetensors) or a .safetensors file"
         )
-    if not source.is_dir():
+    elif weights.suffix != ".safetensors":
         raise ValueError(f"{source} is neither a run folder nor a .safetensors file")
-    stem = "model" if ema else "model-raw"
-    weights = source / f"{stem}.safetensors"
-    if not weights.is_file():
-        raise FileNotFoundError(
-            f"{source} has no {weights.name}: train it first or point --model at a run folder"
-        )
-    meta = source / f"{stem}.json"
-    if not meta.is_file():
-        meta = source / "model.json"
-    return weights, meta
-
-
-def _read_meta(weights: Path, meta_path: Path) -> dict:
-    """The meta dict: the sibling JSON if present, else the safetensors header."""
+    meta_path = weights.with_suffix(".json")
     if meta_path.is_file():
         try:
-            return json.loads(meta_path.read_text(encoding="utf-8"))
+            return weights, json.loads(meta_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise ValueError(f"{meta_path} is not valid JSON ({e}); re-export the model") from e
     with safe_open(weights, framework="pt") as f:
@@ -274,12 +253,12 @@ def _read_meta(weights: Path, meta_path: Path) -> dict:
             f"{weights} carries no greedygrow meta and {meta_path.name} is missing: "
             "it was not written by greedygrow.checkpoint.export_model"
         )
-    return json.loads(header[META_KEY])
+    return weights, json.loads(header[META_KEY])
 
 
 def read_meta(source: str | os.PathLike, ema: bool = True) -> dict:
     """The exported meta of a run folder or .safetensors file (core/shell config, text, ...)."""
-    return _read_meta(*_weights_and_meta_paths(source, ema))
+    return _exported(source, ema)[1]
 
 
 def _config_from_meta(meta: dict, key: str, cls: type, where: Path) -> Any:
@@ -323,12 +302,9 @@ def load_strict(module: nn.Module, state: Mapping[str, Tensor], what: str = "che
 def load_model(
     run_dir: str | os.PathLike, ema: bool = True, device: str | torch.device = "cpu"
 ) -> tuple[UViT, dict]:
-    """Build the exported UViT of a run folder (EMA weights by default) in eval mode.
-
-    Returns (model, meta); ``meta`` is the dict given to :func:`export_model`.
-    """
-    weights, meta_path = _weights_and_meta_paths(run_dir, ema)
-    meta = _read_meta(weights, meta_path)
+    """The exported UViT of a run folder (EMA weights by default) in eval mode, and its meta
+    (the dict given to :func:`export_model`)."""
+    weights, meta = _exported(run_dir, ema)
     core = _config_from_meta(meta, "core", CoreConfig, weights)
     shell = _config_from_meta(meta, "shell", ShellConfig, weights)
     model = UViT(core, shell)
@@ -337,13 +313,9 @@ def load_model(
 
 
 def load_core(source: str | os.PathLike) -> tuple[CoreConfig, dict[str, Tensor]]:
-    """The core config and core weights (keys relative to ``model.core``) of an exported model.
-
-    ``source`` is a run folder (its EMA weights, model.safetensors) or a .safetensors file
-    written by :func:`export_model`. Only the ``core.`` tensors are read.
-    """
-    weights, meta_path = _weights_and_meta_paths(source, ema=True)
-    meta = _read_meta(weights, meta_path)
+    """The core config and core weights (keys relative to ``model.core``, the only tensors
+    read) of a run folder's EMA export or a .safetensors file written by :func:`export_model`."""
+    weights, meta = _exported(source)
     core = _config_from_meta(meta, "core", CoreConfig, weights)
     with safe_open(weights, framework="pt", device="cpu") as f:
         names = [k for k in f.keys() if k.startswith("core.")]  # noqa: SIM118 (safe_open)

@@ -1,9 +1,7 @@
 """The command line: the only module that parses arguments.
 
-Each command has an `_add_<name>` function that declares its arguments and a `_run_<name>`
-function that imports what it needs lazily and does the work. Keep each command's pair
-together; add a command by adding a pair and a line in `COMMANDS`. `main` is the one error
-boundary: a bad config, input or checkpoint is a message on stderr and exit status 2.
+A command is an `_add_<name>` (its arguments) and `_run_<name>` (lazy imports, the work) pair
+and a line in `COMMANDS`. `main` is the one error boundary.
 """
 
 from __future__ import annotations
@@ -37,16 +35,9 @@ def _run_info(args: argparse.Namespace) -> int:
     cores = {k: v for k, v in CORE_PRESETS.items() if args.family in (None, preset_family(k))}
     shells = {k: v for k, v in SHELL_PRESETS.items() if args.family in (None, preset_family(k))}
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "cores": {k: v.to_dict() for k, v in cores.items()},
-                    "shells": {k: v.to_dict() for k, v in shells.items()},
-                    "table": rows,
-                },
-                indent=2,
-            )
-        )
+        cores_json = {k: v.to_dict() for k, v in cores.items()}
+        shells_json = {k: v.to_dict() for k, v in shells.items()}
+        print(json.dumps({"cores": cores_json, "shells": shells_json, "table": rows}, indent=2))
         return 0
     print("core presets (width × depth, heads, grid):")
     for name, c in cores.items():
@@ -161,7 +152,7 @@ def _run_encode_text(args: argparse.Namespace) -> int:
 
 def _add_train_core(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run folder (resumed if it exists)")
-    p.add_argument("--config", default=None, help="YAML config file")
+    p.add_argument("--config", default=None, help="YAML config file or preset name")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
 
 
@@ -178,9 +169,7 @@ def _add_grow(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resolution", type=int, required=True)
     p.add_argument("--mode", choices=GROW_MODES, default="greedy")
     p.add_argument("--freeze-steps", type=int, default=None)
-    p.add_argument("--out", required=True, help="run folder (resumed if it exists)")
-    p.add_argument("--config", default=None, help="YAML config file")
-    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    _add_train_core(p)
 
 
 def _run_grow(args: argparse.Namespace) -> int:
@@ -194,17 +183,22 @@ def _run_grow(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_sample(p: argparse.ArgumentParser) -> None:
+def _add_sampling(p: argparse.ArgumentParser, out: str) -> None:
+    """The arguments `sample` and `evaluate` share."""
     p.add_argument("--model", required=True, help="run folder with exported weights")
-    p.add_argument("--out", required=True, help="output PNG grid")
-    p.add_argument("prompts", nargs="+")
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--out", required=True, help=out)
     p.add_argument("--sampler", choices=SAMPLERS, default="dpmpp2m")
-    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=None, help="default: the run's own")
+    p.add_argument("--raw", action="store_true", help="use raw weights instead of EMA")
+
+
+def _add_sample(p: argparse.ArgumentParser) -> None:
+    _add_sampling(p, "output PNG grid")
+    p.add_argument("prompts", nargs="+")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--per-prompt", type=int, default=4, help="images per prompt")
     p.add_argument("--resolution", type=int, default=None)
-    p.add_argument("--raw", action="store_true", help="use raw weights instead of EMA")
     p.add_argument(
         "--guidance-interval",
         type=float,
@@ -238,8 +232,7 @@ def _run_sample(args: argparse.Namespace) -> int:
 
 
 def _add_evaluate(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="run folder with exported weights")
-    p.add_argument("--out", required=True, help="report directory")
+    _add_sampling(p, "report directory")
     p.add_argument("--compare", nargs="*", default=[], help="more run folders to compare")
     p.add_argument(
         "--prompts",
@@ -254,9 +247,6 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
         help="folder of reference images for FID/FD-DINOv2/CMMD (default for scene "
         "prompts: their ground-truth renders)",
     )
-    p.add_argument("--sampler", choices=SAMPLERS, default="dpmpp2m")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=None, help="default: the run's own")
     p.add_argument(
         "--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="one image per prompt per seed"
     )
@@ -268,7 +258,6 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--raw", action="store_true", help="use raw weights instead of EMA")
     p.add_argument(
         "--inception",
         default=None,

@@ -1,13 +1,6 @@
-"""Typed training configuration: dataclasses, YAML presets, key=value overrides, phase configs.
-
-A run's configuration is `Config` (sections model, data, diffusion, optim, run, grow). It is
-built from the dataclass defaults, then a YAML file (a path, or the name of a preset shipped in
-greedygrow/configs/), then `key=value` overrides (OmegaConf structured configs in struct mode,
-so an unknown key is refused), then `resolve` fills every "auto" value (None) from the phase
-and resolution, and `validate` refuses anything that cannot train — all before any work
-starts. The resolved config is what RUN/config.yaml holds. Fields marked `resumable` may change
-when a run is resumed (they do not change what is learned).
-"""
+"""Typed training configuration: dataclasses ← YAML file or preset ← key=value overrides, then
+`resolve` (the automatic None values) and `validate`; docs/training.md, Configuration. Fields
+marked `resumable` may change when a run is resumed (they do not change what is learned)."""
 
 from __future__ import annotations
 
@@ -201,14 +194,6 @@ def config_path(config_file: str | Path) -> Path:
     raise ConfigError(f"config file {path} does not exist and is not a preset; presets: {names}")
 
 
-def _load_yaml(config_file: str | Path) -> Any:
-    path = config_path(config_file)
-    try:
-        return OmegaConf.load(path)
-    except Exception as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-
-
 def load_config(
     config_file: str | Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
@@ -222,7 +207,12 @@ def load_config(
     if base is not None:
         cfg = _merge(cfg, OmegaConf.create(base), "base config")
     if config_file is not None:
-        cfg = _merge(cfg, _load_yaml(config_file), str(config_path(config_file)))
+        path = config_path(config_file)
+        try:
+            yaml = OmegaConf.load(path)
+        except Exception as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        cfg = _merge(cfg, yaml, str(path))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(
@@ -240,11 +230,6 @@ def to_dict(cfg: Config) -> dict:
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the effective config as YAML, atomically."""
     atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-
-
-def read_config(path: str | Path) -> Config:
-    """Load a RUN/config.yaml written by `save_config` (refuses unknown keys)."""
-    return load_config(config_file=path)
 
 
 def config_diff(old: Config, new: Config, ignore: frozenset[str] = RESUMABLE_KEYS) -> list[str]:
@@ -313,13 +298,10 @@ def resolve(cfg: Config) -> Config:
     """Fill the automatic (None) values from the phase and resolution; returns a new Config."""
     cfg = copy.deepcopy(cfg)
     if cfg.diffusion.schedule is None and cfg.model.resolution > 0:
-        # the schedule shift follows the resolution (docs/method.md, Diffusion; simple diffusion)
         cfg.diffusion.schedule = schedule_for(cfg.model.resolution).kind
-    if cfg.data.min_native is None:
-        # the grown model trains on the high-resolution subset (docs/method.md, Growing)
+    if cfg.data.min_native is None:  # phase 2 trains on the high-resolution subset (the paper)
         cfg.data.min_native = 0 if cfg.phase == "core" else cfg.model.resolution
-    if cfg.run.sample_guidance is None:
-        # the paper's guidance weights: 1.75 for Shallow-UViT, 4.0 for grown UViTs
+    if cfg.run.sample_guidance is None:  # the paper's 1.75 (Shallow-UViT) and 4.0 (grown)
         cfg.run.sample_guidance = 1.75 if cfg.phase == "core" else 4.0
     if cfg.phase == "grow" and cfg.grow.freeze_steps is None:
         cfg.grow.freeze_steps = default_freeze_steps(cfg.grow.mode, cfg.run.steps)
@@ -373,16 +355,13 @@ def validate(cfg: Config) -> None:
 def _range_problems(cfg: Config) -> list[str]:
     """Numbers outside their ranges, as 'key must be ..., got ...'."""
     optim = cfg.optim
+    betas_ok = len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas)
     rules = [
         ("model.resolution", cfg.model.resolution > 0, "positive"),
         ("data.caption_dropout", 0 <= cfg.data.caption_dropout < 1, "in [0, 1)"),
         ("data.workers", cfg.data.workers >= 0, ">= 0"),
         ("optim.lr", optim.lr > 0, "positive"),
-        (
-            "optim.betas",
-            len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas),
-            "2 in [0, 1)",
-        ),
+        ("optim.betas", betas_ok, "2 in [0, 1)"),
         ("optim.warmup_steps", optim.warmup_steps >= 0, ">= 0"),
         ("optim.grad_clip", optim.grad_clip >= 0, ">= 0 (0 disables clipping)"),
         ("optim.core_lr_multiplier", optim.core_lr_multiplier >= 0, ">= 0"),
@@ -452,7 +431,7 @@ def grow_config(
                 f"--core {core}: no config.yaml there; point --core at a "
                 "phase-1 run folder written by `greedygrow train-core`"
             )
-        phase1 = read_config(source)
+        phase1 = load_config(source)
         for key in INHERITED_KEYS:
             section, name = key.split(".")
             inherited.setdefault(section, {})[name] = _value(phase1, key)

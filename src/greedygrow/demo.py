@@ -24,8 +24,7 @@ PROMPTS = (
 
 
 def demo(out: str | Path, quick: bool = False) -> dict[str, Path]:
-    """The whole method on scenes, CPU-sized: train a core at 32 px, grow it (greedy) to
-    64 px, sample PROMPTS from both. Running it again resumes. Returns what it wrote."""
+    """Run the demo into `out` (again: resume it); returns what it wrote."""
     out = Path(out)
     cache = [f"data.text_cache_dir={out / 'text-cache'}"]
     preset = "demo-quick" if quick else "demo"

@@ -69,9 +69,7 @@ class Schedule(DictSpec):
             # Hoogeboom et al. 2023): the strong shift (R_lo = 32) rules at high noise, where
             # global structure forms; the mild one (R_hi = 256) at low noise, so fine detail is
             # not pushed to the very last steps.
-            lo = self._shifted(t, self.interp_lo)
-            hi = self._shifted(t, self.interp_hi)
-            lam = t * lo + (1 - t) * hi
+            lam = t * self._shifted(t, self.interp_lo) + (1 - t) * self._shifted(t, self.interp_hi)
         return lam.to(out_dtype)
 
     def dlogsnr_dt(self, t: Tensor | float) -> Tensor:
@@ -101,15 +99,10 @@ def schedule_for(resolution: int, kind: str | None = None) -> Schedule:
     512 px (2 log(64/R) shifts towards noise as pixels get redundant), and the interpolated
     schedule from 512 px up, as simple diffusion does for its 512 and 1024 px models.
     """
-    if int(resolution) <= 0:
-        raise ValueError(f"schedule_for: resolution={resolution} must be a positive int")
-    if kind is None:
-        if resolution == Schedule.base_resolution:
-            kind = "cosine"
-        elif resolution >= INTERPOLATE_FROM:
-            kind = "interpolated"
-        else:
-            kind = "shifted"
+    if kind is None and resolution == Schedule.base_resolution:
+        kind = "cosine"
+    elif kind is None:
+        kind = "interpolated" if resolution >= INTERPOLATE_FROM else "shifted"
     return Schedule(kind=kind, resolution=int(resolution))
 
 
@@ -163,9 +156,7 @@ def _mse(residual: Tensor, multiscale: bool) -> Tensor:
     if multiscale:
         if residual.ndim != 4:
             raise ValueError(f"multiscale loss needs [B,C,H,W] images, got {residual.shape}")
-        while min(residual.shape[-2:]) // 2 >= MULTISCALE_MIN_RESOLUTION and not (
-            residual.shape[-1] % 2 or residual.shape[-2] % 2
-        ):
+        while all(s % 2 == 0 and s // 2 >= MULTISCALE_MIN_RESOLUTION for s in residual.shape[-2:]):
             residual = F.avg_pool2d(residual, 2)  # D_s: average pooling to the next scale
             terms.append(residual.square().mean(dims))
     return torch.stack(terms).mean(0)

@@ -1,8 +1,5 @@
-"""Specs as frozen dataclasses built from plain dicts (JSON meta, YAML overrides).
-
-One check for unknown keys serves every spec, so a typo in a saved or typed config is named,
-never ignored.
-"""
+"""Specs as frozen dataclasses built from plain dicts (JSON meta, YAML overrides); one check
+names unknown keys for every spec, so a typo is never ignored."""
 
 from __future__ import annotations
 
@@ -13,10 +10,8 @@ S = TypeVar("S", bound="DictSpec")
 
 
 def checked_fields(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
-    """`data` as keyword arguments for dataclass `cls`; lists become tuples.
-
-    Raises ValueError naming the unknown keys and the known ones.
-    """
+    """`data` as keyword arguments for dataclass `cls`, lists as tuples; ValueError names any
+    unknown keys and the known ones."""
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:

@@ -36,15 +36,9 @@ def grow(
     shell_config: ShellConfig,
     mode: str,
 ) -> UViT:
-    """Build ``UViT(core_config, shell_config)`` and, unless ``mode`` is scratch, load the core.
-
-    ``core_source`` is a phase-1 run folder or exported .safetensors file. Its core is loaded
-    strictly into ``model.core`` (bit for bit); a core whose config or tensors differ is refused
-    with CheckpointMismatch naming the differing fields and tensors (with shapes).
-    ``core_config=None`` takes the checkpoint's own core config. The shell stays randomly
-    initialised. In scratch mode nothing is loaded (``core_source`` then only supplies the
-    config when ``core_config`` is None). Freezing is separate: see :func:`freeze_core`.
-    """
+    """``UViT(core_config, shell_config)`` (None: the checkpoint's core config) with, unless
+    ``mode`` is scratch, the core of ``core_source`` (a phase-1 run folder or .safetensors file)
+    loaded strictly, bit for bit: differing fields or tensors raise CheckpointMismatch."""
     if mode not in GROW_MODES:
         raise ValueError(f"unknown grow mode {mode!r}: choose one of {', '.join(GROW_MODES)}")
     if core_source is None:
@@ -79,13 +73,9 @@ def _frozen_train(self: nn.Module, mode: bool = True) -> nn.Module:
 
 
 def freeze_core(model: nn.Module) -> None:
-    """Freeze ``model.core``: no gradients for its parameters, eval mode for good.
-
-    A frozen core stays in eval mode when ``model.train()`` is called later (its ``train`` is
-    overridden on the instance, so DDP/EMA copies keep the behaviour); gradients still flow
-    *through* it to the shell encoder. Keep frozen parameters out of the optimizer. DDP and
-    torch.compile wrappers are looked through.
-    """
+    """Freeze ``model.core`` (wrappers looked through): no gradients for its parameters (they
+    still flow *through* it), and eval mode even after ``model.train()`` (its ``train`` is
+    overridden on the instance, so DDP/EMA copies keep it)."""
     core = unwrap_model(model).core
     core.requires_grad_(False)
     core.train = types.MethodType(_frozen_train, core)

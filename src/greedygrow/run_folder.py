@@ -18,13 +18,13 @@ from greedygrow.config import (
     Config,
     ConfigError,
     config_diff,
+    core_config,
     default_freeze_steps,
-    read_config,
-    save_config,
+    load_config,
+    shell_config,
     to_dict,
 )
 from greedygrow.diffusion import Schedule
-from greedygrow.model import CoreConfig, ShellConfig
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def check_resume(cfg: Config, run: Path) -> None:
     path = run / "config.yaml"
     if not path.is_file():
         return
-    old = read_config(path)
+    old = load_config(path)
     grow = cfg.grow
     default = grow.freeze_steps == default_freeze_steps(grow.mode, cfg.run.steps)
     if cfg.phase == "grow" and default and grow.freeze_steps != old.grow.freeze_steps:
@@ -62,15 +62,13 @@ def check_resume(cfg: Config, run: Path) -> None:
         )
 
 
-def write_config(cfg: Config, run: Path) -> None:
-    """RUN/config.yaml: the effective config."""
-    run.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run / "config.yaml")
-
-
-def export_meta(cfg: Config, schedule: Schedule, step: int) -> dict:
-    """What inference needs besides the weights (written to RUN/model.json)."""
-    return {
+def save_checkpoint(run: Path, cfg: Config, step: int, state: dict, schedule: Schedule) -> None:
+    """The training state (`state`: model, optimizer, EMA) and the EMA and raw exports, whose
+    meta (RUN/model.json) is what inference needs besides the weights."""
+    save_state(run, step, {"step": step, "config": to_dict(cfg), **state}, keep=cfg.run.keep)
+    meta = {
+        "core": core_config(cfg).to_dict(),
+        "shell": shell_config(cfg).to_dict(),
         "text_encoder": cfg.data.text_encoder,
         "text_max_length": cfg.data.text_max_length,
         "resolution": cfg.model.resolution,
@@ -80,20 +78,6 @@ def export_meta(cfg: Config, schedule: Schedule, step: int) -> dict:
         "mode": cfg.grow.mode,
         "step": step,
     }
-
-
-def save_checkpoint(
-    run: Path,
-    cfg: Config,
-    step: int,
-    state: dict,
-    configs: tuple[CoreConfig, ShellConfig],
-    schedule: Schedule,
-) -> None:
-    """The training state (`state`: model, optimizer, EMA) and the EMA and raw exports."""
-    save_state(run, step, {"step": step, "config": to_dict(cfg), **state}, keep=cfg.run.keep)
-    meta = {**export_meta(cfg, schedule, step), "core": configs[0].to_dict()}
-    meta["shell"] = configs[1].to_dict()
     export_model(run, state["ema"], meta, name="model")
     export_model(run, state["model"], meta, name="model-raw")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -15,10 +16,40 @@ from greedygrow.config import ConfigError
 from greedygrow.diffusion import Schedule
 from greedygrow.distributed import resolve_device
 from greedygrow.sampling import sample, uvit_denoiser
-from greedygrow.text import shared_text_encoder
+from greedygrow.text import TextEmbeddings, TextEncoder, shared_text_encoder
+
+
+def load_for_sampling(
+    run_dir: str | Path, ema: bool = True, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, TextEncoder, Schedule, dict]:
+    """An exported run on `device`, ready to sample: (model, text encoder, schedule, meta)."""
+    model, meta = load_model(run_dir, ema=ema, device=device)
+    encoder = shared_text_encoder(meta["text_encoder"], meta["text_max_length"], str(device))
+    return model, encoder, Schedule.from_dict(meta["schedule"]), meta
 
 
 @torch.no_grad()
+def sample_images(
+    model: nn.Module, text: TextEmbeddings, schedule: Schedule, seeds: list[int], **kw: Any
+) -> Tensor:
+    """Images [len(seeds),3,R,R] in [−1, 1] on the CPU, one per text row and seed, sampled on
+    the text's device (`kw`: `sampling.sample`'s steps, sampler, guidance, ..., autocast)."""
+    res, device = model.shell_config.resolution, text.device
+    denoise = uvit_denoiser(model, text.tokens, text.mask, text.pooled)
+    x = sample(denoise, (len(seeds), 3, res, res), schedule, seeds=seeds, device=device, **kw)
+    return x.cpu()
+
+
+def to_uint8(x: Tensor) -> Tensor:
+    """Pixels p = round((x + 1) · 127.5) of images x in [−1, 1] (clamped), as uint8."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def as_pil(image: Tensor) -> Image.Image:
+    """A uint8 image [3, H, W] as PIL."""
+    return Image.fromarray(image.permute(1, 2, 0).numpy())
+
+
 def sample_grid(
     model: nn.Module,
     encoder,
@@ -39,23 +70,11 @@ def sample_grid(
     differs from another only by its prompt. `guidance_interval` (λ_lo, λ_hi) limits guidance
     to those log-SNRs; `bf16` runs the model under bf16 autocast.
     """
-    res = model.shell_config.resolution
     text = encoder.encode(list(prompts)).to(device).repeat_interleave(per_prompt)
-    denoise = uvit_denoiser(model, text.tokens, text.mask, text.pooled)
-    n = len(prompts) * per_prompt
-    x = sample(
-        denoise,
-        (n, 3, res, res),
-        schedule,
-        steps=steps,
-        sampler=sampler,
-        guidance=guidance,
-        guidance_interval=guidance_interval,
-        seeds=[seed + i % per_prompt for i in range(n)],
-        device=device,
-        autocast=bf16,
-    )
-    return labelled_grid(list(x.cpu().split(per_prompt)), prompts)
+    seeds = [seed + i % per_prompt for i in range(len(text))]
+    kw = dict(steps=steps, sampler=sampler, guidance=guidance, guidance_interval=guidance_interval)
+    x = sample_images(model, text, schedule, seeds, autocast=bf16, **kw)
+    return labelled_grid(list(x.split(per_prompt)), prompts)
 
 
 def labelled_grid(rows: list[Tensor], labels: list[str], min_cell: int = 128) -> Image.Image:
@@ -78,8 +97,7 @@ def labelled_grid(rows: list[Tensor], labels: list[str], min_cell: int = 128) ->
             draw.text((pad, y), line, fill="black", font=font)
             y += line_h
         for j, img in enumerate(images):
-            arr = ((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0)
-            tile = Image.fromarray(arr.numpy()).resize((cell_w, cell_h), Image.NEAREST)
+            tile = as_pil(to_uint8(img)).resize((cell_w, cell_h), Image.NEAREST)
             canvas.paste(tile, (pad + j * (cell_w + pad), y))
         y += cell_h + pad
     return canvas
@@ -113,7 +131,7 @@ def sample_to_png(
 ) -> Path:
     """Sample a labelled grid (one row per prompt) from an exported run; returns the PNG."""
     dev = resolve_device(device)
-    model, meta = load_model(model_dir, ema=ema, device=dev)
+    model, encoder, schedule, meta = load_for_sampling(model_dir, ema, dev)
     if resolution is not None and resolution != model.shell_config.resolution:
         raise ConfigError(
             f"--resolution {resolution}: {model_dir} was trained at "
@@ -121,16 +139,16 @@ def sample_to_png(
             f"{model.core_config.grid}×{model.core_config.grid} grid; grow it to {resolution} "
             "px with `greedygrow grow` to sample there"
         )
-    encoder = shared_text_encoder(meta["text_encoder"], meta["text_max_length"], str(dev))
+    guidance = meta["guidance"] if guidance is None else guidance
     grid = sample_grid(
         model,
         encoder,
-        Schedule.from_dict(meta["schedule"]),
+        schedule,
         prompts,
         per_prompt,
         steps,
         sampler,
-        meta["guidance"] if guidance is None else guidance,
+        guidance,
         seed,
         dev,
         guidance_interval,

@@ -41,7 +41,8 @@ def uvit_denoiser(
             f"uvit_denoiser: text_tokens, text_mask and text_pooled have batch sizes {b}, "
             f"{text_mask.shape[0]}, {text_pooled.shape[0]}; give one text per prompt"
         )
-    cache: dict[tuple[int, torch.device], tuple[Tensor, Tensor, Tensor]] = {}
+    text = (text_tokens, text_mask, text_pooled)
+    cache: dict[tuple[int, torch.device], tuple[Tensor, ...]] = {}
 
     def denoise(z: Tensor, logsnr: Tensor, drop: Tensor) -> Tensor:
         n = z.shape[0]
@@ -51,13 +52,8 @@ def uvit_denoiser(
                 "prompt, or one per image"
             )
         key = (n, z.device)
-        if key not in cache:
-            reps = n // b
-            cache[key] = (
-                text_tokens.to(z.device).repeat(reps, 1, 1),
-                text_mask.to(z.device).repeat(reps, 1),
-                text_pooled.to(z.device).repeat(reps, 1),
-            )
+        if key not in cache:  # the text tiled n / b times along the batch
+            cache[key] = tuple(torch.cat([x.to(z.device)] * (n // b)) for x in text)
         tokens, mask, pooled = cache[key]
         return model(z, logsnr, tokens, mask, pooled, drop_text=drop)
 

@@ -76,7 +76,6 @@ class CachedTextEncoder:
 
     def encode(self, captions: Sequence[str]) -> TextEmbeddings:
         """Embed `captions` like the wrapped encoder (the same tensors), through the cache."""
-
         captions = check_captions(captions)
         keys = [caption_key(c) for c in captions]
         unique = dict(zip(keys, captions, strict=True))

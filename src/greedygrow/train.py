@@ -1,17 +1,8 @@
 """The training loop for both phases of greedy growing, single process or under torchrun.
 
-`train(cfg, out)` runs phase 1 (train-core: a Shallow-UViT at low resolution on all the data)
-or phase 2 (grow: a grown shell around a phase-1 core at resolution R, on the high-resolution
-subset, in mode greedy | unfreeze | joint | scratch), and resumes from the run folder's latest
-state when run again on it.
-
-Determinism: every random draw of a training step (caption drop, t, noise) comes from a
-generator seeded by (seed, step, global sample index), and the data order is a function of
-(seed, global sample position). So a resumed run equals an uninterrupted one, and N processes
-with a global batch B equal one process with B — no RNG state has to be carried across a
-restart or a change of world size. (Dropout, if enabled in the shell, draws from the global
-RNG, reseeded per (seed, step, rank).)
-"""
+Every random draw of a step is seeded by (seed, step, global sample index) and the data order
+by (seed, global sample position), so no RNG state is carried across a restart or a change of
+world size (docs/training.md, Resume and Determinism)."""
 
 from __future__ import annotations
 
@@ -28,13 +19,13 @@ from torch import Tensor
 from torch.utils.data import IterableDataset
 
 from greedygrow.checkpoint import load_latest_state
-from greedygrow.config import Config, ConfigError, resolve, validate
+from greedygrow.config import Config, ConfigError, resolve, save_config, validate
 from greedygrow.data import make_dataset
 from greedygrow.data.order import step_batches
 from greedygrow.data.split import mix_seed
 from greedygrow.diffusion import Schedule, schedule_for, training_loss
 from greedygrow.distributed import Env, all_mean, barrier, broadcast_int, init_distributed
-from greedygrow.run_folder import RunLogger, check_resume, save_checkpoint, write_config
+from greedygrow.run_folder import RunLogger, check_resume, save_checkpoint
 from greedygrow.sample import sample_grid
 from greedygrow.text import shared_text_encoder
 from greedygrow.text_cache import CachedTextEncoder
@@ -90,7 +81,7 @@ def _train(cfg: Config, run: Path, env: Env) -> None:
     trainable = Trainable(cfg, env, step, state)  # a core that does not fit is refused here
     del state
     if env.main:
-        write_config(cfg, run)
+        save_config(cfg, run / "config.yaml")
     barrier(env)
     batches = _batches(cfg, env, step)
     logger = RunLogger(cfg, run, step) if env.main else None
@@ -120,8 +111,7 @@ def _train(cfg: Config, run: Path, env: Env) -> None:
         if _due(step, cfg.run.checkpoint_every, cfg.run.steps):
             state = trainable.full_state()  # collective
             if env.main:
-                configs = (trainable.core_cfg, trainable.shell_cfg)
-                save_checkpoint(run, cfg, step, state, configs, schedule)
+                save_checkpoint(run, cfg, step, state, schedule)
             barrier(env)
         if cfg.run.sample_every and _due(step, cfg.run.sample_every, cfg.run.steps):
             _sample(trainable, encoder, schedule, step, logger)
@@ -244,8 +234,7 @@ def _set_lr(optimizer: torch.optim.Optimizer, cfg: Config, step: int) -> float:
 def lr_at(cfg: Config, step: int, start: int = 0) -> float:
     """Learning rate at `step`: linear warm-up from `start`, then constant or cosine."""
     optim = cfg.optim
-    # warm-up: lr · min(1, (n + 1) / W), n steps since `start` (the core's own warm-up when it
-    # is unfrozen at `start`)
+    # warm-up: lr · min(1, (n + 1) / W), n steps since `start` (where an unfrozen core starts)
     warm = min(1.0, (step - start + 1) / optim.warmup_steps) if optim.warmup_steps else 1.0
     if optim.schedule == "constant":
         return optim.lr * warm
@@ -257,6 +246,5 @@ def lr_at(cfg: Config, step: int, start: int = 0) -> float:
 
 
 def _ema_decay(cfg: Config, step: int) -> float:
-    # decay_n = min(decay, (1 + n) / (10 + n))  (TF ExponentialMovingAverage num_updates)
     decay = cfg.optim.ema_decay
     return min(decay, (1 + step) / (10 + step)) if cfg.optim.ema_warmup else decay

@@ -8,21 +8,7 @@ from collections.abc import Iterator, Sequence
 
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from greedygrow.data.scenes import (
-    ATTRIBUTES,
-    COLORS,
-    SHAPES,
-    Scene,
-    ScenesDataset,
-    ScenesStream,
-    native_resolution,
-    native_resolutions,
-    parse_caption,
-    render,
-    render_native,
-    sample_scene,
-    write_dataset,
-)
+from greedygrow.data.scenes import ScenesDataset, ScenesStream, sample_scene, write_dataset
 from greedygrow.data.shards import WebDatasetStream
 from greedygrow.data.sources import FolderDataset, SkipCounter, skip_none_collate
 
@@ -56,15 +42,13 @@ def make_dataset(
 
 
 def captions(spec: str, seed: int = 0, workers: int = 0) -> Iterator[str]:
-    """The captions of `scenes:COUNT`, `folder:PATH`, `webdataset:SHARDS` or a bare path (shards
-    when it names or holds .tar files), decoding no image where the captions are known."""
+    """The captions of an encode-text `--data` spec, decoding no image where they are known."""
     source, _, rest = spec.partition(":")
     if source == "scenes":
         if not rest.isdigit() or int(rest) < 1:
             raise ValueError(f"--data {spec!r}: scenes need a count, e.g. scenes:10000")
-        return (
-            sample_scene(seed, int(i)).caption for i in ScenesDataset(int(rest), 32, seed).indices
-        )
+        indices = ScenesDataset(int(rest), 32, seed).indices  # checks the seed now, not lazily
+        return (sample_scene(seed, int(i)).caption for i in indices)
     if source not in ("folder", "webdataset") or not rest:
         tars = ".tar" in spec or glob.glob(os.path.join(spec, "*.tar"))
         source, rest = ("webdataset" if tars else "folder"), spec

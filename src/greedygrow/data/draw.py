@@ -111,9 +111,9 @@ def _shape_sdf(shape: str, box: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> n
 
 
 def _tint_weight(attribute: str, d, alpha, xs, ys, cx: float, cy: float, n: int):
-    """Per-pixel coverage of the tint (the rest of `alpha` is the full colour), or None."""
+    """Per-pixel coverage of the tint (the rest of `alpha` is the full colour); 0 when plain."""
     if attribute == "plain":
-        return None
+        return 0.0
     if attribute == "outlined":
         # interior (the shape inset by the outline width) in tint; the ring α − inner in colour
         return _coverage(d + OUTLINE_WIDTH * n)
@@ -140,8 +140,7 @@ def _background(bg: Background, n: int) -> np.ndarray:
     """The background as planar uint8 [3, n, n] (planar keeps every loop contiguous)."""
     canvas = np.empty((3, n, n), dtype=np.uint8)
     if bg.kind == "plain" or bg.color == bg.color2:
-        for k in range(3):
-            canvas[k].fill(bg.color[k])
+        canvas[:] = np.array(bg.color, dtype=np.uint8)[:, None, None]
         return canvas
     if bg.kind != "gradient":
         raise ValueError(f"unknown background kind {bg.kind!r}; expected 'plain' or 'gradient'")
@@ -150,9 +149,8 @@ def _background(bg: Background, n: int) -> np.ndarray:
     coords = (np.arange(n, dtype=np.float32) + 0.5) / n - 0.5
     # g = ½ + (x cos a + y sin a) / (|cos a| + |sin a|) ∈ [0, 1] over the image
     g = (coords[None, :] * ca + coords[:, None] * sa) * (1.0 / (abs(ca) + abs(sa))) + 0.5
-    for k in range(3):
-        c1, c2 = float(bg.color[k]), float(bg.color2[k])
-        canvas[k] = g * (c2 - c1) + (c1 + 0.5)  # c = c1 + g (c2 − c1), rounded
+    c1, c2 = (np.array(c, dtype=np.float32)[:, None, None] for c in (bg.color, bg.color2))
+    canvas[:] = g * (c2 - c1) + (c1 + 0.5)  # c = c1 + g (c2 − c1), rounded
     return canvas
 
 
@@ -177,11 +175,8 @@ def render(scene: Scene, resolution: int | None = None) -> Image.Image:
         # over operator with two inks: C = B (1 − α) + c α_c + t α_t, with α = α_c + α_t
         region *= 1.0 - alpha
         for k, c in enumerate(COLORS[obj.color]):
-            if a_tint is None:
-                region[k] += alpha * c
-            else:
-                t = (1.0 - TINT) * c + TINT * 255.0  # t = (1 − τ) c + τ white
-                region[k] += (alpha - a_tint) * c + a_tint * t
+            t = (1.0 - TINT) * c + TINT * 255.0  # t = (1 − τ) c + τ white
+            region[k] += (alpha - a_tint) * c + a_tint * t
         region += 0.5
         canvas[:, r0:r1, c0:c1] = region  # convex mix of values in [0, 255]: no clipping needed
     return Image.merge("RGB", [Image.fromarray(plane) for plane in canvas])

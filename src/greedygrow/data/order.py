@@ -51,11 +51,10 @@ def step_batches(
     """Endless batches of this rank's share of each step from `start`: `StepSampler` order
     (a batch that decodes to nothing is passed over), or a stream seeded by the step."""
     kw = {"num_workers": workers, "pin_memory": pin_memory, "persistent_workers": workers > 0}
-    local = global_batch // world
     if isinstance(dataset, IterableDataset):
         if hasattr(dataset, "set_epoch"):  # webdataset: a fresh stream seeded by the step
             dataset.set_epoch(start)
-        return iter(DataLoader(dataset, batch_size=local, **kw))
+        return iter(DataLoader(dataset, batch_size=global_batch // world, **kw))
     sampler = StepSampler(len(dataset), global_batch, rank, world, seed, start)
     collate = getattr(dataset, "collate_fn", None)  # drops images that fail to decode
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, **kw)

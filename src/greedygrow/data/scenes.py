@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import webdataset as wds
 from torch.utils.data import Dataset, IterableDataset
+from tqdm import tqdm
 
 from greedygrow.atomic import atomic_write_json
 from greedygrow.data.draw import BACKGROUNDS, COLORS, check_resolution, render_native, shape_box
@@ -120,33 +122,34 @@ class Scene:
     def from_dict(cls, d: dict[str, Any]) -> Scene:
         """Inverse of `to_dict`; also accepts the minimal schema without groups/group fields."""
         try:
-            objects, caption = list(d["objects"]), str(d["caption"])
+            entries, caption = list(d["objects"]), str(d["caption"])
             native, bg = int(d["native_resolution"]), d.get("background") or {"name": "white"}
         except (KeyError, TypeError) as e:
             raise ValueError(
                 f"scene ground truth: missing or malformed field {e}; expected keys "
                 "'caption', 'native_resolution', 'objects' (schema: docs/data.md)"
             ) from None
-        for i, o in enumerate(objects):
-            _check_object(o, i)
-        groups = _groups(d.get("groups"), objects)
+        keys = [_object_key(o, i) for i, o in enumerate(entries)]
+        if (raw := d.get("groups")) is None:  # identical objects, in order of first appearance
+            groups = tuple(Group(*key, count=n) for key, n in Counter(keys).items())
+        else:
+            groups = tuple(
+                Group(g["color"], g["shape"], g["attribute"], int(g["count"])) for g in raw
+            )
         lookup = {_group_key(g): k for k, g in enumerate(groups)}
-        placed = []
-        for i, o in enumerate(objects):
-            key = (o["color"], o["shape"], o["attribute"])
-            k = int(o["group"]) if "group" in o else lookup.get(key, -1)
+        objs = []
+        for i, (o, key) in enumerate(zip(entries, keys, strict=True)):
+            k = int(o.get("group", lookup.get(key, -1)))
             if not 0 <= k < len(groups) or key != _group_key(groups[k]):
                 raise ValueError(f"scene ground truth: object {i} {key} matches no group")
-            placed.append(SceneObject(*key, box=tuple(float(v) for v in o["box"]), group=k))
+            objs.append(SceneObject(*key, box=tuple(float(v) for v in o["box"]), group=k))
         name = str(bg.get("name", ""))
         color = tuple(bg.get("color", BACKGROUNDS.get(name, BACKGROUNDS["white"])))
         color2 = tuple(bg.get("color2", color))
         background = Background(
             str(bg.get("kind", "plain")), name, color, color2, float(bg.get("angle", 0.0))
         )
-        return cls(
-            caption, native, background, groups, tuple(placed), d.get("seed"), d.get("index")
-        )
+        return cls(caption, native, background, groups, tuple(objs), d.get("seed"), d.get("index"))
 
     @classmethod
     def from_json(cls, text: str) -> Scene:
@@ -158,8 +161,8 @@ def _group_key(g: Group) -> tuple[str, str, str]:
     return (g.color, g.shape, g.attribute)
 
 
-def _check_object(o: dict[str, Any], i: int) -> None:
-    """Clear error for an object entry that cannot be drawn."""
+def _object_key(o: dict[str, Any], i: int) -> tuple[str, str, str]:
+    """An object entry's (colour, shape, attribute); a clear error if it cannot be drawn."""
     for field, allowed in (("color", COLORS), ("shape", SHAPES), ("attribute", ATTRIBUTES)):
         if o.get(field) not in allowed:
             raise ValueError(
@@ -170,14 +173,7 @@ def _check_object(o: dict[str, Any], i: int) -> None:
     ok = isinstance(box, (list, tuple)) and len(box) == 4 and box[0] < box[2] and box[1] < box[3]
     if not ok:
         raise ValueError(f"scene ground truth: object {i} box {box!r} is not [x0, y0, x1, y1]")
-
-
-def _groups(raw: list[dict[str, Any]] | None, objects: list[dict[str, Any]]) -> tuple[Group, ...]:
-    """The ground truth's groups; if absent, identical objects in order of first appearance."""
-    if raw is not None:
-        return tuple(Group(g["color"], g["shape"], g["attribute"], int(g["count"])) for g in raw)
-    counts = Counter((o["color"], o["shape"], o["attribute"]) for o in objects)
-    return tuple(Group(*key, count=n) for key, n in counts.items())
+    return (o["color"], o["shape"], o["attribute"])
 
 
 def native_resolutions(seed: int, indices: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -217,8 +213,7 @@ def sample_scene(seed: int, index: int) -> Scene:
         while True:
             color, shape = colors[rng.integers(len(colors))], SHAPES[rng.integers(len(SHAPES))]
             g = Group(color, shape, ATTRIBUTES[rng.choice(len(ATTRIBUTES), p=probs)], int(c))
-            keys = {_group_key(h) for h in groups}
-            if (g.color, g.shape) not in HELD_OUT and _group_key(g) not in keys:
+            if (g.color, g.shape) not in HELD_OUT and _group_key(g) not in map(_group_key, groups):
                 break
         groups.append(g)
     background = _sample_background(rng)
@@ -319,7 +314,7 @@ def make_scene(groups: Sequence[Group], seed: int = 0, background: str = "white"
             f"a scene holds 1 to {MAX_OBJECTS} objects, got counts {[g.count for g in groups]}"
         )
     for i, g in enumerate(groups):
-        _check_object({**asdict(g), "box": [0, 0, 1, 1]}, i)
+        _object_key({**asdict(g), "box": [0, 0, 1, 1]}, i)
     if len({_group_key(g) for g in groups}) != len(groups):
         raise ValueError("make_scene: two groups share colour, shape and attribute; merge them")
     color = BACKGROUNDS[background]
@@ -360,8 +355,6 @@ class ScenesDataset(Dataset):
     """Scenes 0..count−1 of `seed` whose native resolution is at least `min_native`."""
 
     def __init__(self, count: int, resolution: int, seed: int = 0, min_native: int = 0) -> None:
-        if count < 1:
-            raise ValueError(f"ScenesDataset count must be a positive integer, got {count!r}")
         _init(self, resolution, seed, min_native)
         self.total = int(count)
         self.indices = np.flatnonzero(native_resolutions(seed, np.arange(count)) >= min_native)
@@ -454,18 +447,12 @@ def write_dataset(
         raise ValueError(f"unknown format {fmt!r}; expected 'folder' or 'webdataset'")
     if resolution is not None:
         check_resolution(resolution)
-    _check_seed(seed)
+    natives = native_resolutions(seed, np.arange(count))  # checks the seed
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    indices = range(count)
-    if progress:
-        from tqdm import tqdm
-
-        indices = tqdm(indices, desc=f"scenes → {out}", unit="scene")
+    indices = tqdm(range(count), desc=f"scenes → {out}", unit="scene", disable=not progress)
     samples = ((i, scene_sample(seed, i, resolution, image_format)) for i in indices)
     if fmt == "webdataset":
-        import webdataset as wds
-
         with wds.ShardWriter(str(out / "%05d.tar"), maxcount=shard_size, verbose=0, mtime=0) as w:
             for _, sample in samples:
                 w.write(sample)
@@ -476,7 +463,6 @@ def write_dataset(
             key = sample.pop("__key__")
             for ext, data in sample.items():  # a folder's .txt ends with a newline
                 (folder / f"{key}.{ext}").write_bytes(data + b"\n" * (ext == "txt"))
-    natives = native_resolutions(seed, np.arange(count))
     summary = {
         "count": int(count),
         "format": fmt,

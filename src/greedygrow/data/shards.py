@@ -8,7 +8,6 @@ import itertools
 import json
 import os
 import random
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -20,7 +19,6 @@ from greedygrow.data.sources import (
     ImageReader,
     SkipCounter,
     log,
-    native_from,
     original_size,
     parse_json,
     read_caption,
@@ -39,8 +37,7 @@ def expand_shards(spec: str | os.PathLike | Sequence[str]) -> list[str]:
         for u in wds.shardlists.expand_urls(os.fspath(s)):
             if not _is_url(u) and os.path.isdir(u):
                 u = os.path.join(u, "*.tar")
-            magic = not _is_url(u) and any(c in u for c in "*?[")
-            urls += sorted(glob.glob(u)) if magic else [u]
+            urls += sorted(glob.glob(u)) or [u]  # a URL, or a path that is checked below
     missing = [u for u in urls if not _is_url(u) and not os.path.isfile(u)]
     if missing:
         raise FileNotFoundError(
@@ -67,8 +64,7 @@ def plan_shards(
 
 
 class WebDatasetStream(ImageReader, IterableDataset):
-    """Samples from tar shards: an exact pass, or shards drawn with replacement when
-    ``resampled`` (default: when training); ``epoch_size`` over all consumers (docs/data.md)."""
+    """Samples from tar shards: an exact pass, or shards drawn with replacement (docs/data.md)."""
 
     def __init__(
         self,
@@ -140,15 +136,11 @@ class WebDatasetStream(ImageReader, IterableDataset):
         if reason:
             self.skips.skip(reason, where)
             return None
-        original = original_size(meta)
-        if original is not None and min(original) < self.min_native:
-            self.skips.drop_small()
-            return None
-        if (loaded := self._load(io.BytesIO(sample[ext]), f"{where}.{ext}", rng)) is None:
+        loaded = self._load(io.BytesIO(sample[ext]), f"{where}.{ext}", original_size(meta), rng)
+        if loaded is None:
             return None
         self.skips.keep()
-        native = list(native_from(loaded[1], original))
-        meta = json.dumps({"source": "webdataset", "shard": url, "native_size": native})
+        meta = json.dumps({"source": "webdataset", "shard": url, "native_size": loaded[1]})
         return {"image": loaded[0], "caption": caption, "key": key, "meta": meta}
 
 
@@ -156,12 +148,8 @@ def _take_strided(
     samples: Iterator[dict[str, Any]], split: dict[str, tuple[int, int]]
 ) -> Iterator[dict[str, Any]]:
     """Keep sample i of shard u iff i % stride == offset, with (stride, offset) = split[u]."""
-    seen: Counter[str] = Counter()
-    for sample in samples:
-        stride, offset = split[sample["__url__"]]
-        if seen[sample["__url__"]] % stride == offset:
-            yield sample
-        seen[sample["__url__"]] += 1
+    for url, shard in itertools.groupby(samples, key=lambda sample: sample["__url__"]):
+        yield from itertools.islice(shard, split[url][1], None, split[url][0])
 
 
 class _ShardErrorHandler:
@@ -176,10 +164,8 @@ class _ShardErrorHandler:
             self.counter.skip("broken_shard", url, detail)
 
     def __call__(self, exn: Exception) -> bool:
-        url = next((a for a in exn.args if isinstance(a, str) and a in self.urls), None)
-        if url is None:  # member-level errors carry the shard only inside the message
-            text = " ".join(str(a) for a in exn.args)
-            url = next((u for u in self.urls if u in text), "unknown shard")
+        text = " ".join(str(a) for a in exn.args)  # the shard is an argument, or inside one
+        url = max((u for u in self.urls if u in text), key=len, default="unknown shard")
         self.report(url, f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}")
         return True
 
@@ -187,21 +173,16 @@ class _ShardErrorHandler:
         self, shards: Iterator[dict[str, Any]], patience: int | None = None
     ) -> Iterator[dict[str, Any]]:
         """Report truncated local shards; fail after `patience` shards without a usable sample."""
-        last_kept, since = -1, 0
-        for shard in shards:
-            kept = self.counter.kept
-            last_kept, since = kept, 1 if kept != last_kept else since + 1
-            if patience is not None and since > patience:
+        for read, shard in enumerate(shards):
+            if patience is not None and read >= patience and not self.counter.kept:
                 raise RuntimeError(
-                    f"webdataset: no usable sample in the last {patience} shards read "
+                    f"webdataset: no usable sample in the {patience} shards read "
                     f"({self.counter.summary()}); see the warnings above"
                 )
             url = shard["url"]
             if url.endswith(".tar") and os.path.isfile(url):
-                size = os.path.getsize(url)
-                with open(url, "rb") as f:
-                    f.seek(max(0, size - 1024))
-                    tail = f.read()
-                if size % 512 or len(tail) < 1024 or tail.strip(b"\0"):
-                    self.report(url, "truncated (no end-of-archive marker); reading what is there")
+                with open(url, "rb") as f:  # a whole tar ends in two zero blocks (and padding)
+                    f.seek(max(0, os.path.getsize(url) - 1024))
+                    if f.read() != bytes(1024):
+                        self.report(url, "truncated (no end-of-archive marker); read up to the cut")
             yield shard

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import logging
 import os
 import random
-from collections.abc import Iterator, Sequence
+import zlib
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +37,9 @@ SKIP_REASONS = (
 )
 _FIELDS = ("kept", "below_min_native", *SKIP_REASONS)
 _MAX_WORKERS = 64  # DataLoader workers with a row of their own (more share rows)
-_WARN_TABLE_BYTES = 1 << 20  # 8 Mi bits of hashed warned-about paths
+_WARN_SLOTS = 1 << 22  # hashed warned-about paths: a collision can only suppress a warning
 BROKEN = object()  # a .json payload that does not parse
+Size = tuple[int, int]  # (width, height) in pixels
 
 
 class SkipCounter:
@@ -47,7 +48,7 @@ class SkipCounter:
     def __init__(self, name: str = "data"):
         self.name = name
         self._table = torch.zeros(1 + _MAX_WORKERS, len(_FIELDS), dtype=torch.int64).share_memory_()
-        self._warned = torch.zeros(_WARN_TABLE_BYTES, dtype=torch.uint8).share_memory_()
+        self._warned = torch.zeros(_WARN_SLOTS, dtype=torch.uint8).share_memory_()
 
     def _add(self, field: str, n: int = 1) -> None:
         info = get_worker_info()
@@ -68,10 +69,9 @@ class SkipCounter:
             raise ValueError(f"unknown skip reason {reason!r}; expected one of {SKIP_REASONS}")
         self._add(reason)
         warned = self._warned.numpy()
-        h = int.from_bytes(hashlib.blake2b(path.encode(), digest_size=8).digest(), "little")
-        byte, bit = (h >> 3) % warned.shape[0], 1 << (h & 7)
-        if not warned[byte] & bit:
-            warned[byte] |= bit
+        slot = zlib.crc32(path.encode()) % len(warned)
+        if not warned[slot]:
+            warned[slot] = 1
             detail = f" ({detail})" if detail else ""
             log.warning("%s: skipping %s: %s%s", self.name, path, reason, detail)
 
@@ -139,22 +139,22 @@ class ImageReader:
         self.skips = SkipCounter(name)
 
     def _load(
-        self, file: str | io.BytesIO, where: str, rng: random.Random | None = None
-    ) -> tuple[torch.Tensor, tuple[int, int]] | None:
+        self, file: str | io.BytesIO, where: str, original: Size | None, rng: random.Random | None
+    ) -> tuple[torch.Tensor, list[int]] | None:
         """(image tensor, native size), or None if it is bad (skipped) or small (dropped)."""
         try:
             with Image.open(file) as img:
-                if min(img.size) < self.min_native:
+                if min(native_from(img.size, original)) < self.min_native:
                     self.skips.drop_small()
                     return None
-                size = native_size(img)  # before prepare_image: it may decode at reduced scale
-                return prepare_image(img, self.resolution, self.train, rng), size
+                native = list(native_from(native_size(img), original))  # before any draft
+                return prepare_image(img, self.resolution, self.train, rng), native
         except Exception as e:  # any failure to read the image is bad input: count, warn, skip
             self.skips.skip_image(where, e)
             return None
 
 
-def parse_json(data: bytes | None) -> Any:
+def parse_json(data: str | bytes | None) -> Any:
     """A .json payload parsed; None when absent, `BROKEN` when not UTF-8 JSON."""
     if data is None:
         return None
@@ -164,16 +164,8 @@ def parse_json(data: bytes | None) -> Any:
         return BROKEN
 
 
-def clean_caption(caption: str | None) -> tuple[str | None, str]:
-    """(stripped caption, "") or (None, skip reason) for an absent or empty one."""
-    if caption is None:
-        return None, "missing_caption"
-    caption = caption.strip()
-    return (caption, "") if caption else (None, "empty_caption")
-
-
 def read_caption(txt: bytes | None, meta: Any) -> tuple[str | None, str]:
-    """Caption from a .txt payload, else from the parsed .json's "caption" (see `clean_caption`)."""
+    """(caption, "") from a .txt payload, else the parsed .json's "caption"; or (None, reason)."""
     caption = None
     if txt is not None:
         try:
@@ -183,11 +175,13 @@ def read_caption(txt: bytes | None, meta: Any) -> tuple[str | None, str]:
     if not caption and meta is BROKEN:
         return None, "bad_caption"
     if not caption and isinstance(meta, dict) and isinstance(meta.get("caption"), str):
-        caption = meta["caption"]
-    return clean_caption(caption)
+        caption = meta["caption"].strip()
+    if caption is None:
+        return None, "missing_caption"
+    return (caption, "") if caption else (None, "empty_caption")
 
 
-def original_size(meta: Any) -> tuple[int, int] | None:
+def original_size(meta: Any) -> Size | None:
     """img2dataset's original_width/original_height, when the json has both as positive ints."""
     if not isinstance(meta, dict):
         return None
@@ -195,7 +189,7 @@ def original_size(meta: Any) -> tuple[int, int] | None:
     return (w, h) if isinstance(w, int) and isinstance(h, int) and w > 0 and h > 0 else None
 
 
-def native_from(size: tuple[int, int], original: tuple[int, int] | None) -> tuple[int, int]:
+def native_from(size: Size, original: Size | None) -> Size:
     """Native size: img2dataset's `original` when smaller (upscaled), turned like `size`."""
     if original is None or min(original) >= min(size):
         return size
@@ -214,50 +208,47 @@ class FolderItem:
     path: str
     key: str
     caption: str
-    original: tuple[int, int] | None = None  # from a sidecar .json (img2dataset's fields)
+    original: Size | None = None  # from a sidecar .json (img2dataset's fields)
 
 
-def _metadata_captions(root: Path, counter: SkipCounter) -> dict[str, str | None]:
-    """Absolute path → caption (None: not a string) from every metadata file under root."""
-    captions: dict[str, str | None] = {}
+def _metadata_captions(root: Path, counter: SkipCounter) -> dict[str, dict[str, Any]]:
+    """Absolute path → {"caption": its row's caption} from every metadata file under root."""
+    captions: dict[str, dict[str, Any]] = {}
     for dirpath, _, files in sorted(os.walk(root)):
         for meta_path in [os.path.join(dirpath, name) for name in METADATA_FILES if name in files]:
-            try:
-                rows = list(_metadata_rows(meta_path, counter))
-            except UnicodeDecodeError as e:  # the whole file, not the rows read before the error
-                counter.skip("bad_caption", meta_path, f"not UTF-8 text ({e}); re-save as UTF-8")
+            if not (rows := _metadata_rows(meta_path, counter)):
                 continue
-            if rows:  # the first row (CSV: the header) names the columns
-                file_col = _column(rows[0][1], FILE_COLUMNS, meta_path)
-                cap_col = _column(rows[0][1], CAPTION_COLUMNS, meta_path)
+            file_col = _column(rows[0][1], FILE_COLUMNS, meta_path)  # the first row names them
+            cap_col = _column(rows[0][1], CAPTION_COLUMNS, meta_path)
             for line_no, row in rows:
                 rel, value = row.get(file_col), row.get(cap_col)
                 if not isinstance(rel, str) or not rel:
                     counter.skip("missing_image", f"{meta_path}:{line_no}", f"no {file_col}")
                     continue
                 path = os.path.normpath(os.path.join(dirpath, rel))
-                captions.setdefault(path, value if isinstance(value, str) else None)
+                captions.setdefault(path, {"caption": value})
     return captions
 
 
-def _metadata_rows(meta_path: str, counter: SkipCounter) -> Iterator[tuple[int, dict[str, Any]]]:
-    with open(meta_path, encoding="utf-8-sig", newline="") as f:  # -sig: Excel's byte-order mark
-        if meta_path.endswith(".csv"):
-            for i, row in enumerate(csv.DictReader(f), start=2):
-                yield i, {k.strip().lower(): v for k, v in row.items() if k is not None}
-            return
-        for i, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                counter.skip("bad_caption", f"{meta_path}:{i}", f"invalid JSON: {e}")
-                continue
-            if isinstance(obj, dict):
-                yield i, {str(k).strip().lower(): v for k, v in obj.items()}
-            else:
-                counter.skip("bad_caption", f"{meta_path}:{i}", "line is not a JSON object")
+def _metadata_rows(meta_path: str, counter: SkipCounter) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, row by lower-case column name) of a metadata file; bad lines counted."""
+    try:
+        with open(meta_path, encoding="utf-8-sig", newline="") as f:  # -sig: Excel's BOM
+            text = io.StringIO(f.read(), newline="")
+    except UnicodeDecodeError as e:  # the whole file, not the rows before the error
+        counter.skip("bad_caption", meta_path, f"not UTF-8 text ({e}); re-save as UTF-8")
+        return []
+    if meta_path.endswith(".csv"):
+        rows = enumerate(csv.DictReader(text), start=2)
+    else:
+        rows = ((i, parse_json(line)) for i, line in enumerate(text, start=1) if line.strip())
+    kept = []
+    for i, row in rows:
+        if isinstance(row, dict):
+            kept.append((i, {str(k).strip().lower(): v for k, v in row.items() if k is not None}))
+        else:
+            counter.skip("bad_caption", f"{meta_path}:{i}", "not a JSON object")
+    return kept
 
 
 def _column(row: dict[str, Any], names: Sequence[str], meta_path: str) -> str:
@@ -270,7 +261,7 @@ def _column(row: dict[str, Any], names: Sequence[str], meta_path: str) -> str:
     )
 
 
-def _probe(path: str) -> tuple[int, int] | Exception | None:
+def _probe(path: str) -> Size | Exception | None:
     """Header check of one image file: its stored size, the exception, or None if empty."""
     try:
         if os.path.getsize(path) == 0:
@@ -283,8 +274,7 @@ def _probe(path: str) -> tuple[int, int] | Exception | None:
 
 def _read_optional(path: str) -> bytes | None:
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        return Path(path).read_bytes()
     except OSError:  # absent, unreadable or a directory: no sidecar
         return None
 
@@ -321,12 +311,8 @@ class FolderDataset(ImageReader, Dataset):
 
     def _index(self) -> list[FolderItem]:
         captions = _metadata_captions(self.root, self.skips)
-        paths = sorted(
-            os.path.normpath(os.path.join(d, f))
-            for d, _, files in os.walk(self.root)
-            for f in files
-            if f.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
-        )
+        found = (p for p in self.root.rglob("*") if p.suffix[1:].lower() in IMAGE_EXTENSIONS)
+        paths = sorted(str(p) for p in found if p.is_file())
         for path in sorted(set(captions) - set(paths)):
             self.skips.skip("missing_image", path, "listed in metadata but not found")
         with ThreadPoolExecutor(8) as pool:  # header reads wait on the disk, not the GIL
@@ -341,10 +327,8 @@ class FolderDataset(ImageReader, Dataset):
                 continue
             stem = os.path.splitext(path)[0]
             meta = parse_json(_read_optional(stem + ".json"))  # caption, img2dataset's sizes
-            if path in captions:
-                caption, reason = clean_caption(captions[path])
-            else:
-                caption, reason = read_caption(_read_optional(stem + ".txt"), meta)
+            txt = None if path in captions else _read_optional(stem + ".txt")
+            caption, reason = read_caption(txt, captions.get(path, meta))  # metadata rows first
             if reason:
                 self.skips.skip(reason, path)
                 continue
@@ -361,9 +345,8 @@ class FolderDataset(ImageReader, Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         item = self.items[index]
-        if (loaded := self._load(item.path, item.path)) is None:
+        if (loaded := self._load(item.path, item.path, item.original, None)) is None:
             return None
-        native = list(native_from(loaded[1], item.original))
         rel = Path(os.path.relpath(item.path, self.root)).as_posix()
-        meta = json.dumps({"source": "folder", "path": rel, "native_size": native})
+        meta = json.dumps({"source": "folder", "path": rel, "native_size": loaded[1]})
         return {"image": loaded[0], "caption": item.caption, "key": item.key, "meta": meta}

@@ -18,7 +18,6 @@ def mix_seed(*values: int) -> int:
     """A 63-bit seed mixing integers (splitmix64 finaliser over a running hash)."""
     h = GOLDEN
     for v in values:
-        # g = (h ⊕ v)·M1, h ← (g ⊕ g≫31)·M2 mod 2^64: a SplitMix64-style round per value
         h = (h ^ (int(v) & MASK)) * MUL1 & MASK
         h = (h ^ (h >> 31)) * MUL2 & MASK
     return h >> 1
@@ -26,7 +25,6 @@ def mix_seed(*values: int) -> int:
 
 def splitmix64(x: np.ndarray) -> np.ndarray:
     """SplitMix64 finaliser on a uint64 array (wrapping arithmetic)."""
-    # z = (z ⊕ z≫30)·M1; z = (z ⊕ z≫27)·M2; z ⊕ z≫31  (Steele, Lea & Flood 2014)
     x = (x ^ (x >> np.uint64(30))) * np.uint64(MUL1)
     x = (x ^ (x >> np.uint64(27))) * np.uint64(MUL2)
     return x ^ (x >> np.uint64(31))

@@ -32,12 +32,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
             a = a * 255.0  # float greyscale in [0, 1]; larger ranges are clipped to 255
         a = np.clip(np.rint(a), 0, 255).astype(np.uint8)
         return Image.fromarray(a, "L").convert("RGB")
-    if (img.mode == "P" and "transparency" in img.info) or img.mode == "PA":
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "La", "RGBa"):
+    if img.mode in ("RGBA", "LA", "La", "RGBa", "PA") or "transparency" in img.info:
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        # out = α·fg + (1 − α)·white  (alpha compositing, Porter & Duff 1984)
         return Image.alpha_composite(white, rgba).convert("RGB")
     return img.convert("RGB")
 

@@ -152,8 +152,7 @@ def cmmd(x: Tensor | np.ndarray, y: Tensor | np.ndarray, unbiased: bool = True) 
 
 
 def clip_score(image_emb: Tensor, text_emb: Tensor) -> Tensor:
-    """Per-pair CLIPScore [B]: 100 · max(cos(image, text), 0)."""
-    # CLIPScore = 100 · max(cos(E_I, E_T), 0)  (Hessel et al. 2021, with w = 100)
+    """Per-pair CLIPScore [B]: 100 · max(cos(image, text), 0) (Hessel et al. 2021, w = 100)."""
     return 100.0 * F.cosine_similarity(image_emb.float(), text_emb.float(), dim=-1).clamp_min(0)
 
 

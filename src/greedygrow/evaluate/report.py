@@ -21,11 +21,11 @@ from greedygrow.evaluate.runs import (
     PromptSet,
     RunEvaluation,
     Settings,
-    as_pil,
     builtin_prompts,
     evaluate_run,
     read_prompts,
 )
+from greedygrow.sample import as_pil
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -17,14 +17,11 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from greedygrow.checkpoint import load_model
 from greedygrow.data.scenes import Scene, make_scene, parse_caption, render
 from greedygrow.data.sources import IMAGE_EXTENSIONS
-from greedygrow.diffusion import Schedule
 from greedygrow.evaluate.alignment import PromptResult, scene_prompts, score_image, summarize
 from greedygrow.evaluate.distribution import Extractors, distribution_metrics
-from greedygrow.sampling import sample, uvit_denoiser
-from greedygrow.text import shared_text_encoder
+from greedygrow.sample import as_pil, load_for_sampling, sample_images, to_uint8
 
 References = tuple[str, Callable[[], Iterable[Tensor]]]  # (cache id, batches [B,3,R,R] in [−1,1])
 
@@ -118,11 +115,6 @@ def read_loss_curve(run_dir: str | os.PathLike) -> list[tuple[int, float]]:
     return out
 
 
-def as_pil(image: Tensor) -> Image.Image:
-    return Image.fromarray(image.permute(1, 2, 0).numpy())  # uint8 [3, H, W] → PIL
-
-
-@torch.no_grad()
 def sample_prompts(
     run_dir: str | os.PathLike,
     captions: Sequence[str],
@@ -130,24 +122,16 @@ def sample_prompts(
     progress: Callable[[str], None] | None = None,
 ) -> tuple[Tensor, list[int], list[int], dict[str, Any]]:
     """Sample every caption once per seed: (uint8 images, prompt index and seed per image, meta)."""
-    model, meta = load_model(run_dir, ema=settings.ema, device=settings.device)
-    max_length = int(meta.get("text_max_length", 32))
-    encoder = shared_text_encoder(meta["text_encoder"], max_length, settings.device)
-    schedule = Schedule.from_dict(meta["schedule"])
-    guidance = float(meta.get("guidance", 1.0) if settings.guidance is None else settings.guidance)
-    res = model.shell_config.resolution
+    model, encoder, schedule, meta = load_for_sampling(run_dir, settings.ema, settings.device)
+    guidance = float(meta["guidance"] if settings.guidance is None else settings.guidance)
     jobs = [(p, 10_000 * p + s) for p in range(len(captions)) for s in settings.seeds]
-    kw = dict(
-        steps=settings.steps, sampler=settings.sampler, guidance=guidance, device=settings.device
-    )
+    kw = dict(steps=settings.steps, sampler=settings.sampler, guidance=guidance)
     images = []
     for start in range(0, len(jobs), settings.batch_size):
         batch = jobs[start : start + settings.batch_size]
         text = encoder.encode([captions[p] for p, _ in batch]).to(settings.device)
-        denoise = uvit_denoiser(model, text.tokens, text.mask, text.pooled)
-        x = sample(denoise, (len(batch), 3, res, res), schedule, seeds=[s for _, s in batch], **kw)
-        # p = round((x + 1) · 127.5), x ∈ [−1, 1] → p ∈ [0, 255]
-        images.append(((x.cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
+        x = sample_images(model, text, schedule, [s for _, s in batch], **kw)
+        images.append(to_uint8(x))
         if progress is not None:
             progress(f"{Path(run_dir).name}: {start + len(batch)}/{len(jobs)} images")
     meta = {**meta, "guidance_used": guidance}
@@ -176,7 +160,6 @@ def folder_references(root: str | os.PathLike, resolution: int) -> References:
                     batch.append(prepare_image(img, resolution, train=False))
             except Exception:  # any undecodable file is bad input: skipped and counted
                 bad += 1
-                continue
             if len(batch) == 64:
                 yield torch.stack(batch)
                 batch = []

@@ -69,41 +69,33 @@ class Conditioning(NamedTuple):
     text_mask: Tensor  # bool [B, 1, 1, T + N], True = attend; never all False in a row
 
 
-class SelfAttention(nn.Module):
-    """Multi-head self-attention with q/k RMS-norm (Dehghani et al. 2023)."""
+class Attention(nn.Module):
+    """Multi-head attention with q/k RMS-norm (Dehghani et al. 2023): self-attention, or
+    cross-attention from image tokens to the text tokens `ctx` when `cross`."""
 
-    def __init__(self, dim: int, heads: int) -> None:
+    def __init__(self, dim: int, heads: int, cross: bool = False) -> None:
         super().__init__()
         self.heads = heads
-        self.qkv = Linear(dim, 3 * dim)
+        if cross:
+            self.q = Linear(dim, dim)
+            self.kv = Linear(dim, 2 * dim)
+        else:
+            self.qkv = Linear(dim, 3 * dim)
         self.q_norm = RMSNorm(dim // heads)
         self.k_norm = RMSNorm(dim // heads)
         self.out = Linear(dim, dim)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, ctx: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         b, n, d = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        y = attention(self.q_norm(q), self.k_norm(k), v)
-        return self.out(y.transpose(1, 2).reshape(b, n, d))
 
+        def heads(y: Tensor, parts: int) -> Tensor:  # [B, L, parts·D] → [parts, B, H, L, Dh]
+            return y.view(b, y.shape[1], parts, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
 
-class CrossAttention(nn.Module):
-    """Multi-head attention from image tokens to text tokens, with q/k RMS-norm."""
-
-    def __init__(self, dim: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.q = Linear(dim, dim)
-        self.kv = Linear(dim, 2 * dim)
-        self.q_norm = RMSNorm(dim // heads)
-        self.k_norm = RMSNorm(dim // heads)
-        self.out = Linear(dim, dim)
-
-    def forward(self, x: Tensor, ctx: Tensor, mask: Tensor) -> Tensor:
-        b, n, d = x.shape
-        h, dh = self.heads, d // self.heads
-        q = self.q(x).view(b, n, h, dh).transpose(1, 2)
-        k, v = self.kv(ctx).view(b, ctx.shape[1], 2, h, dh).permute(2, 0, 3, 1, 4)
+        if ctx is None:
+            q, k, v = heads(self.qkv(x), 3)
+        else:
+            q = heads(self.q(x), 1)[0]
+            k, v = heads(self.kv(ctx), 2)
         y = attention(self.q_norm(q), self.k_norm(k), v, mask)
         return self.out(y.transpose(1, 2).reshape(b, n, d))
 
@@ -131,8 +123,8 @@ class Block(nn.Module):
         super().__init__()
         d = config.width
         self.modulation = Linear(config.width, 9 * d)
-        self.attn = SelfAttention(d, config.heads)
-        self.cross = CrossAttention(d, config.heads)
+        self.attn = Attention(d, config.heads)
+        self.cross = Attention(d, config.heads, cross=True)
         self.mlp = MLP(d, round(d * config.mlp_ratio))
         self.gradient_checkpointing = False
         for m in self.modules():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,11 +22,11 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 
+@dataclass
 class FlopCounter:
     """Accumulates the FLOPs reported by layers while it is open."""
 
-    def __init__(self) -> None:
-        self.flops = 0
+    flops: int = 0
 
 
 _COUNTERS: list[FlopCounter] = []
@@ -98,11 +99,10 @@ def layer_norm(x: Tensor, eps: float = 1e-6) -> Tensor:
 
 
 class GroupNorm(nn.GroupNorm):
-    """nn.GroupNorm computed in float32, returned in the input dtype."""
+    """nn.GroupNorm (affine) computed in float32, returned in the input dtype."""
 
     def forward(self, x: Tensor) -> Tensor:
-        w = None if self.weight is None else self.weight.float()
-        b = None if self.bias is None else self.bias.float()
+        w, b = self.weight.float(), self.bias.float()
         return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
 
 
@@ -122,11 +122,10 @@ def fourier_features(x: Tensor, dim: int, min_freq: float, max_freq: float) -> T
 def sincos_2d(grid: int, dim: int, device: torch.device | None = None) -> Tensor:
     """2-D sine-cosine position code for a grid×grid raster (row-major) → [grid², dim].
 
-    Half the channels encode the row, half the column, each as [sin ω p, cos ω p] with
-    ω = 10000^(-i / (dim/4))  (Vaswani et al. 2017; MAE/DiT 2-D variant).
+    dim must be divisible by 4 (CoreConfig checks the width). Half the channels encode the
+    row, half the column, each as [sin ω p, cos ω p] with ω = 10000^(-i / (dim/4))
+    (Vaswani et al. 2017; MAE/DiT 2-D variant).
     """
-    if dim % 4:
-        raise ValueError(f"sincos_2d: dim must be divisible by 4, got {dim}")
     quarter = dim // 4
     omega = 1.0 / 10000 ** (torch.arange(quarter, device=device, dtype=torch.float32) / quarter)
     pos = torch.arange(grid, device=device, dtype=torch.float32)

@@ -1,10 +1,8 @@
 """Named model presets, as data, from CPU-sized to the paper's scale.
 
-Cores: `cpu-*` train on a laptop CPU (`cpu-tiny`: a batch-32 training step at 64 px takes
-about 0.85 CPU-seconds, an estimated half second on 2 idle cores; `cpu-small` is the
-192-wide, 6-block model measured in docs/performance.md);
-`paper-*` are about 0.5B, 2B and 8B parameters like the paper's models (their widths and
-depths are ours; the paper does not publish them). Shells come in families: a family fixes
+Cores: `cpu-*` train on a laptop CPU (speeds in docs/performance.md); `paper-*` are about
+0.5B, 2B and 8B parameters like the paper's models (their widths and depths are ours; the paper
+does not publish them). Shells come in families: a family fixes
 the channel width and block count of each level by its size relative to the grid (level k
 has side G·2^k), so one family gives a shell for every resolution G·2^k up to its deepest
 level. `cpu` is narrow, `paper` is full-sized.
@@ -76,10 +74,7 @@ def shell_preset(
         raise ValueError(f"unknown shell family {family!r}; choose one of {sorted(SHELL_FAMILIES)}")
     fam = SHELL_FAMILIES[family]
     if kind == "shallow":
-        fields: dict[str, Any] = {
-            "channels": (fam.shallow_channels,),
-            "blocks": (fam.shallow_blocks,),
-        }
+        kw: dict[str, Any] = {"channels": (fam.shallow_channels,), "blocks": (fam.shallow_blocks,)}
     else:
         reachable = [grid * 2**k for k in range(1, len(fam.channels) + 1)]
         if resolution not in reachable:
@@ -89,10 +84,9 @@ def shell_preset(
                 f"{resolution} px is not one of them"
             )
         levels = reachable.index(resolution) + 1
-        fields = {"channels": fam.channels[:levels][::-1], "blocks": fam.blocks[:levels][::-1]}
-    fields.update(kind=kind, resolution=resolution, grid=grid, norm_groups=fam.norm_groups)
-    fields.update(overrides)
-    return ShellConfig(**fields)
+        kw = {"channels": fam.channels[:levels][::-1], "blocks": fam.blocks[:levels][::-1]}
+    kw.update(kind=kind, resolution=resolution, grid=grid, norm_groups=fam.norm_groups)
+    return ShellConfig(**{**kw, **overrides})
 
 
 SHELL_PRESETS: dict[str, ShellConfig] = {
@@ -112,15 +106,11 @@ def preset_family(name: str) -> str:
 def preset_table(family: str | None = None) -> list[dict[str, Any]]:
     """One row per (core preset, shell preset) of the same family (or of `family` only):
     parameters (core, shell) and forward FLOPs per image, computed on the meta device."""
-    if family is not None and family not in SHELL_FAMILIES:
-        raise ValueError(f"unknown family {family!r}; choose one of {sorted(SHELL_FAMILIES)}")
     rows = []
     for core_name, core in CORE_PRESETS.items():
         for shell_name, shell in SHELL_PRESETS.items():
-            if preset_family(core_name) != preset_family(shell_name) or family not in (
-                None,
-                preset_family(core_name),
-            ):
+            own = preset_family(core_name)
+            if own != preset_family(shell_name) or family not in (None, own):
                 continue
             params, flops = count_parameters(core, shell), count_flops(core, shell)
             rows.append(

@@ -22,10 +22,6 @@ from greedygrow.model.layers import Conv2d, GroupNorm, Linear, checkpointed
 IMAGE_CHANNELS = 3
 
 
-def _is_power_of_two(n: int) -> bool:
-    return n >= 1 and n & (n - 1) == 0
-
-
 @dataclass(frozen=True)
 class ShellConfig(DictSpec):
     """Shape of a shell.
@@ -50,7 +46,7 @@ class ShellConfig(DictSpec):
             raise ValueError(f"{where}: kind must be 'shallow' or 'grown'")
         check_positive_ints(self, where)
         ratio = self.resolution // self.grid
-        if self.resolution % self.grid or not _is_power_of_two(ratio):
+        if self.resolution % self.grid or ratio & (ratio - 1):  # ratio ≥ 1 once R % G == 0
             raise ValueError(f"{where}: the resolution must be the grid times a power of two")
         if self.kind == "grown" and ratio < 2:
             raise ValueError(
@@ -130,22 +126,17 @@ class Shell(nn.Module):
         self.config = config
         grown = config.kind == "grown"
         ch, groups, p = config.channels, config.norm_groups, config.patch
-        drops = [
-            config.dropout if r <= config.dropout_max_resolution else 0.0
-            for r in config.level_resolutions
-        ]
 
         def level(c_first: int, i: int) -> nn.ModuleList:
+            r = config.level_resolutions[i]
+            drop = config.dropout if r <= config.dropout_max_resolution else 0.0
             return nn.ModuleList(
-                ResBlock(c_first if j == 0 else ch[i], ch[i], width, groups, drops[i])
+                ResBlock(c_first if j == 0 else ch[i], ch[i], width, groups, drop)
                 for j in range(config.blocks[i])
             )
 
-        self.entry = (
-            Conv2d(IMAGE_CHANNELS, ch[0], 3, padding=1)
-            if grown
-            else Conv2d(IMAGE_CHANNELS, ch[0], p, stride=p)
-        )
+        # grown: a 3×3 conv at R×R; shallow: the patchify conv, p×p of stride p = R/G
+        self.entry = Conv2d(IMAGE_CHANNELS, ch[0], 3 if grown else p, stride=p, padding=int(grown))
         self.down = nn.ModuleList(level(ch[i], i) for i in range(config.levels))
         # downsample ×2 between levels: space-to-depth, then 1×1 conv
         self.downsample = nn.ModuleList(

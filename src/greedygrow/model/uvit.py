@@ -83,36 +83,27 @@ def count_parameters(core_config: CoreConfig, shell_config: ShellConfig) -> dict
 
 def count_flops(core_config: CoreConfig, shell_config: ShellConfig) -> dict[str, int]:
     """Forward FLOPs per image of the core (with its conditioning), the shell, and both:
-    reported by the layers while a batch of one (with text_len text tokens) runs through
-    meta-device twins (no memory, no arithmetic)."""
-    core = _core_flops(core_config)
-    shell = _shell_flops(shell_config, core_config.width)
-    return {"core": core, "shell": shell, "total": core + shell}
+    reported by the layers while a batch of one (with text_len text tokens) runs through a
+    meta-device twin (no memory, no arithmetic)."""
+    core, total = _flops(core_config, shell_config)
+    return {"core": core, "shell": total - core, "total": total}
 
 
 @functools.cache
-def _core_flops(core_config: CoreConfig) -> int:
-    cc = core_config
+def _flops(cc: CoreConfig, shell_config: ShellConfig) -> tuple[int, int]:
+    """(core FLOPs, UViT FLOPs) of one image."""
+    r = shell_config.resolution
     with torch.device("meta"):
-        core = Core(cc)
-        x = torch.zeros(1, cc.tokens, cc.width)
+        model = UViT(cc, shell_config)
+        z, x = torch.zeros(1, IMAGE_CHANNELS, r, r), torch.zeros(1, cc.tokens, cc.width)
         text = (
             torch.zeros(1),
             torch.zeros(1, cc.text_len, cc.text_dim),
             torch.ones(1, cc.text_len, dtype=torch.bool),
             torch.zeros(1, cc.text_dim),
         )
-    with torch.no_grad(), flop_counter() as counter:
-        core(x, core.embed(*text))
-    return counter.flops
-
-
-@functools.cache
-def _shell_flops(shell_config: ShellConfig, width: int) -> int:
-    r = shell_config.resolution
-    with torch.device("meta"):
-        shell = Shell(shell_config, width)
-        z, emb = torch.zeros(1, IMAGE_CHANNELS, r, r), torch.zeros(1, width)
-    with torch.no_grad(), flop_counter() as counter:
-        shell.decode(*shell.encode(z, emb), emb)
-    return counter.flops
+    with torch.no_grad(), flop_counter() as core:
+        model.core(x, model.core.embed(*text))
+    with torch.no_grad(), flop_counter() as total:
+        model(z, *text)
+    return core.flops, total.flops
