@@ -26,6 +26,11 @@ class Env:
         return self.rank == 0
 
 
+def uses_fsdp(parallel: str, env: Env) -> bool:
+    """Whether run.parallel asks for FSDP2 and there is more than one process to shard over."""
+    return parallel == "fsdp" and env.world > 1
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """ "auto" → CUDA when available, else CPU; any other name as given (cpu, cuda, cuda:1)."""
     if name == "auto":

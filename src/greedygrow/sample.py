@@ -72,8 +72,17 @@ def sample_grid(
     """
     text = encoder.encode(list(prompts)).to(device).repeat_interleave(per_prompt)
     seeds = [seed + i % per_prompt for i in range(len(text))]
-    kw = dict(steps=steps, sampler=sampler, guidance=guidance, guidance_interval=guidance_interval)
-    x = sample_images(model, text, schedule, seeds, autocast=bf16, **kw)
+    x = sample_images(
+        model,
+        text,
+        schedule,
+        seeds,
+        steps=steps,
+        sampler=sampler,
+        guidance=guidance,
+        guidance_interval=guidance_interval,
+        autocast=bf16,
+    )
     return labelled_grid(list(x.split(per_prompt)), prompts)
 
 

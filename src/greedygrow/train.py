@@ -24,7 +24,14 @@ from greedygrow.data import make_dataset
 from greedygrow.data.order import step_batches
 from greedygrow.data.split import mix_seed
 from greedygrow.diffusion import Schedule, schedule_for, training_loss
-from greedygrow.distributed import Env, all_mean, barrier, broadcast_int, init_distributed
+from greedygrow.distributed import (
+    Env,
+    all_mean,
+    barrier,
+    broadcast_int,
+    init_distributed,
+    uses_fsdp,
+)
 from greedygrow.run_folder import RunLogger, check_resume, save_checkpoint
 from greedygrow.sample import sample_grid
 from greedygrow.text import shared_text_encoder
@@ -72,7 +79,7 @@ def _train(cfg: Config, run: Path, env: Env) -> None:
         shared_text_encoder(cfg.data.text_encoder, cfg.data.text_max_length, str(env.device)),
         cfg.data.text_cache_dir or run / "text-cache",
     )
-    fsdp = cfg.run.parallel == "fsdp" and env.world > 1
+    fsdp = uses_fsdp(cfg.run.parallel, env)
     resumed = load_latest_state(run) if env.main or not fsdp else None  # FSDP2: rank 0 reads
     step, state = resumed if resumed is not None else (0, None)
     step = broadcast_int(step, env) if fsdp else step

@@ -16,7 +16,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from greedygrow.config import Config, core_config, shell_config
-from greedygrow.distributed import Env, barrier, shard
+from greedygrow.distributed import Env, barrier, shard, uses_fsdp
 from greedygrow.grow import freeze_core, grow, unfreeze_core
 from greedygrow.model import UViT
 
@@ -33,7 +33,7 @@ class Trainable:
         0 has it (the others pass None) and every rank receives its shards by broadcast."""
         self.cfg, self.env = cfg, env
         self.core_cfg, self.shell_cfg = core_config(cfg), shell_config(cfg)
-        self.fsdp = cfg.run.parallel == "fsdp" and env.world > 1
+        self.fsdp = uses_fsdp(cfg.run.parallel, env)
         self.core_frozen = cfg.grow.core_frozen_at(step)
         self.model = self._build(step)
         self.optimizer = torch.optim.AdamW(
