@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from greedygrow.allocator import keep_freed_memory
 from greedygrow.model import (
     CORE_PRESETS,
     SHELL_PRESETS,
@@ -74,10 +75,14 @@ def matmul_rate(dtype: torch.dtype, n: int, steps: int) -> tuple[float, float]:
     return 2 * n**3 / wall, 2 * n**3 / cpu
 
 
-def train_step_fn(model: UViT, batch: int, bf16: bool) -> Callable[[], None]:
-    """One AdamW training step of `model` on random data, as a closure."""
+def train_step_fn(model: UViT, batch: int, bf16: bool, compile: bool) -> Callable[[], None]:
+    """One AdamW training step of `model` on random data, as a closure (as training runs it:
+    fused AdamW, and the blocks compiled when `compile`)."""
     cc, r = model.core_config, model.shell_config.resolution
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    if compile:
+        model.compile_blocks()
     z = torch.randn(batch, 3, r, r)
     text = dict(
         logsnr=torch.randn(batch),
@@ -98,9 +103,11 @@ def train_step_fn(model: UViT, batch: int, bf16: bool) -> Callable[[], None]:
     return step
 
 
-def core_step_fn(model: UViT, batch: int, bf16: bool) -> Callable[[], None]:
+def core_step_fn(model: UViT, batch: int, bf16: bool, compile: bool) -> Callable[[], None]:
     """Forward + backward of the core alone (with its conditioning) on random tokens."""
     cc = model.core_config
+    if compile:
+        model.compile_blocks()
     x = torch.randn(batch, cc.tokens, cc.width)
     text = (
         torch.randn(batch),
@@ -119,7 +126,9 @@ def core_step_fn(model: UViT, batch: int, bf16: bool) -> Callable[[], None]:
     return step
 
 
-def bench_presets(batch: int, steps: int, rates: dict[str, tuple[float, float]]) -> list[str]:
+def bench_presets(
+    batch: int, steps: int, rates: dict[str, tuple[float, float]], compile: bool
+) -> list[str]:
     rows = [
         "| core | params core + shell | fwd GFLOPs/img | dtype | step s | CPU s/step | "
         "images/s | images/CPU-s | MFU | MFU per CPU-s |",
@@ -133,7 +142,7 @@ def bench_presets(batch: int, steps: int, rates: dict[str, tuple[float, float]])
         for dtype in ("fp32", "bf16"):
             torch.manual_seed(0)
             model = UViT(core, shell)
-            wall, cpu = timed(train_step_fn(model, batch, dtype == "bf16"), steps)
+            wall, cpu = timed(train_step_fn(model, batch, dtype == "bf16", compile), steps, 2)
             # MFU = 3 · F_fwd · B / t / peak  (backward ≈ 2 × forward; PaLM appendix B)
             step_flops = 3 * flops * batch
             mfu, mfu_cpu = step_flops / wall / rates[dtype][0], step_flops / cpu / rates[dtype][1]
@@ -146,7 +155,9 @@ def bench_presets(batch: int, steps: int, rates: dict[str, tuple[float, float]])
     return rows
 
 
-def bench_resolutions(core_name: str, batch: int, steps: int, bf16: bool) -> list[str]:
+def bench_resolutions(
+    core_name: str, batch: int, steps: int, bf16: bool, compile: bool
+) -> list[str]:
     core = CORE_PRESETS[core_name]
     rows = [
         "| shell | fwd GFLOPs/img core + shell | step s | CPU s/step | CPU ms/img | "
@@ -155,7 +166,7 @@ def bench_resolutions(core_name: str, batch: int, steps: int, bf16: bool) -> lis
     ]
     torch.manual_seed(0)
     shallow = SHELL_PRESETS["cpu-shallow-64"]
-    core_wall, core_cpu = timed(core_step_fn(UViT(core, shallow), batch, bf16), steps)
+    core_wall, core_cpu = timed(core_step_fn(UViT(core, shallow), batch, bf16, compile), steps, 2)
     core_gflops = count_flops(core, shallow)["core"] / 1e9
     rows.append(
         f"| (core alone, fwd + bwd) | {core_gflops:.2f} + 0 | {core_wall:.2f} | "
@@ -174,7 +185,7 @@ def bench_resolutions(core_name: str, batch: int, steps: int, bf16: bool) -> lis
         shell = shell_preset(kind, r, family="cpu")
         flops = count_flops(core, shell)
         torch.manual_seed(0)
-        wall, cpu = timed(train_step_fn(UViT(core, shell), batch, bf16), steps)
+        wall, cpu = timed(train_step_fn(UViT(core, shell), batch, bf16, compile), steps, 2)
         shell_cpu = (cpu - core_cpu) / batch
         rows.append(
             f"| cpu-{kind}-{r} | {flops['core'] / 1e9:.2f} + {flops['shell'] / 1e9:.2f} | "
@@ -221,6 +232,7 @@ def main() -> None:
     parser.add_argument("--grow-core", default="cpu-small", help="core for the R table")
     parser.add_argument("--grow-dtype", choices=["fp32", "bf16"], default="bf16")
     parser.add_argument("--matmul-size", type=int, default=2048)
+    parser.add_argument("--eager", action="store_true", help="do not compile the blocks")
     parser.add_argument(
         "--threads",
         type=int,
@@ -234,6 +246,7 @@ def main() -> None:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as the greedygrow command does
     load_before = os.getloadavg()[0]
     machine = (
         f"{cpu_name()}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, "
@@ -250,8 +263,11 @@ def main() -> None:
         f"bf16 {rates['bf16'][0] / 1e9:.0f} / {rates['bf16'][1] / 1e9:.0f}"
     )
     print(rate_line, flush=True)
-    presets = bench_presets(args.batch, args.steps, rates)
-    grow = bench_resolutions(args.grow_core, args.grow_batch, args.steps, args.grow_dtype == "bf16")
+    compile = not args.eager
+    presets = bench_presets(args.batch, args.steps, rates, compile)
+    grow = bench_resolutions(
+        args.grow_core, args.grow_batch, args.steps, args.grow_dtype == "bf16", compile
+    )
     load_after = os.getloadavg()[0]
 
     body = "\n".join(
@@ -264,11 +280,12 @@ def main() -> None:
             "",
             rate_line + " — the denominator of MFU.",
             "",
-            f"Training step (forward, backward, AdamW) at 64 px in the `cpu-shallow-64` shell, "
-            f"batch {args.batch}, median of {args.steps} steps. MFU = 3 × forward FLOPs × "
-            "images/s ÷ the matmul rate of the same dtype (FLOPs: matrix products only, counted "
-            "by the layers); *per CPU-s* columns use process CPU time instead of wall time on "
-            "both sides, the steadier figure when the machine is shared.",
+            f"Training step (forward, backward, fused AdamW) at 64 px in the `cpu-shallow-64` "
+            f"shell, batch {args.batch}, median of {args.steps} steps after 2 warm-up steps, "
+            f"blocks {'eager' if args.eager else 'compiled (`model.compile`)'}. "
+            "MFU = 3 × forward FLOPs × images/s ÷ the matmul rate of the same dtype (FLOPs: "
+            "matrix products only, counted by the layers); *per CPU-s* columns use process CPU "
+            "time instead of wall time on both sides, the steadier figure on a shared machine.",
             "",
             *presets,
             "",

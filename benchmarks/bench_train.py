@@ -49,13 +49,14 @@ def worker(args: argparse.Namespace) -> None:
     from greedygrow.distributed import init_distributed
     from greedygrow.text import load_text_encoder
     from greedygrow.text_cache import CachedTextEncoder
-    from greedygrow.train import _batches, _ema_decay, _loss, _set_lr
+    from greedygrow.train import _data, _ema_decay, _loss, _set_lr
     from greedygrow.trainable import Trainable
 
     over = [
         f"run.precision={args.precision}",
         f"data.text_cache_dir={args.cache}",
         f"model.gradient_checkpointing={str(args.checkpointing).lower()}",
+        f"run.steps={2 + args.steps}",
     ]
     if args.batch:
         over.append(f"run.batch_size={args.batch}")
@@ -69,7 +70,8 @@ def worker(args: argparse.Namespace) -> None:
     )
     schedule = schedule_for(cfg.model.resolution, cfg.diffusion.schedule)
     trainable = Trainable(cfg, env, 0, None)
-    batches = _batches(cfg, env, 0)
+    batches, table = _data(cfg, env, 0, Path(args.cache).parent, encoder)  # text table: 2 + N
+    text = encoder if table is None else table
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     total = 2 + args.steps
     for step in range(total):
@@ -78,7 +80,7 @@ def worker(args: argparse.Namespace) -> None:
                 dist.barrier()
             tic = time.perf_counter()
         _set_lr(trainable.optimizer, cfg, step)
-        trainable.optimizer_step(_loss(trainable, next(batches), encoder, schedule, step))
+        trainable.optimizer_step(_loss(trainable, next(batches), text, schedule, step))
         trainable.update_ema(_ema_decay(cfg, step))
     elapsed = time.perf_counter() - tic
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -114,6 +114,8 @@ def test_unreachable_resolution_is_refused(overrides):
         ),
         (["data.source=folder"], "data.path"),
         (["data.text_max_length=64"], "text_len"),
+        (["data.text_table_mb=-1"], "data.text_table_mb must be >= 0"),
+        (["data.scene_cache_mb=-1"], "data.scene_cache_mb must be >= 0"),
     ],
 )
 def test_invalid_values_are_refused(overrides, match):

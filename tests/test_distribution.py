@@ -1,6 +1,9 @@
 """Distribution metrics (Fréchet distance, CMMD, CLIPScore) and the feature networks."""
 
 import itertools
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -297,3 +300,17 @@ def test_metrics_without_references_give_only_clip_score():
     images = torch.rand(4, 3, 32, 32) * 2 - 1
     m = distribution_metrics(images, ["a blue square"] * 4, ext)
     assert set(m) == {"clip_score"}
+
+
+def test_missing_hub_weights_are_reported_without_importing_the_model_code():
+    # importing transformers' DINOv2 and CLIP code costs seconds; absent weights need none of it
+    code = (
+        "import sys; from greedygrow.evaluate.distribution import Extractors; "
+        "e = Extractors.load(dinov2='greedygrow-tests/no-dino', clip='greedygrow-tests/no-clip', "
+        "kinds=['dinov2', 'clip']); assert set(e.notes) == {'dinov2', 'clip'}, e.notes; "
+        "print(sorted(m for m in sys.modules if m.startswith('transformers.models.')))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "GREEDYGROW_ALLOW_DOWNLOAD"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "dinov2" not in out.stdout and "clip" not in out.stdout

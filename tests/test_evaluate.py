@@ -6,6 +6,7 @@ import json
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -17,6 +18,8 @@ from greedygrow.evaluate.distribution import Extractors
 from greedygrow.evaluate.report import Settings, evaluate, unique_names
 from greedygrow.evaluate.runs import read_prompts
 from greedygrow.model import UViT, core_preset, shell_preset
+from greedygrow.sample import sample_images
+from greedygrow.sampling import native_bf16
 
 
 def make_run(path: Path, seed: int, with_log: bool = True) -> Path:
@@ -210,3 +213,59 @@ def test_settings_reject_bad_seeds_and_sizes():
 def test_run_names_are_distinct():
     assert unique_names(["x/run", "y/run", "z/other"]) == ["x-run", "y-run", "other"]
     assert unique_names(["x/run", "x/run"]) == ["x-run-0", "x-run-1"]
+
+
+def test_sampling_draws_equal_batches_of_mixed_prompts_and_the_batch_does_not_change_images(
+    tmp_path, monkeypatch
+):
+    import greedygrow.evaluate.runs as runs
+
+    run = make_run(tmp_path / "run", seed=0)
+    captions = [f"{n} red circles" for n in ("two", "three", "four", "five", "six")]
+    sizes = []
+
+    def recording(model, text, schedule, seeds, **kw):
+        sizes.append(len(seeds))
+        assert len(text) == len(seeds)
+        return sample_images(model, text, schedule, seeds, **kw)
+
+    monkeypatch.setattr(runs, "sample_images", recording)
+    kw = dict(sampler="ddim", steps=2, seeds=(0, 1, 2), bf16=False)
+    big, prompt_of, seeds, _ = runs.sample_prompts(run, captions, Settings(batch_size=4, **kw))
+    assert sizes == [4, 4, 4, 3]  # 15 images in ⌈15/4⌉ batches of equal size (±1)
+    assert prompt_of == [p for p in range(5) for _ in range(3)]
+    assert seeds == [10_000 * p + s for p in range(5) for s in (0, 1, 2)]
+    one, *_ = runs.sample_prompts(run, captions, Settings(batch_size=15, **kw))
+    assert sizes[4:] == [15]
+    assert (big.int() - one.int()).abs().max() <= 1  # float round-off may flip one level
+
+
+def test_bf16_default_follows_the_device_and_reaches_the_sampler(tmp_path):
+    run = make_run(tmp_path / "run", seed=0)
+    used, images = {}, {}
+    for flag in ("--bf16", "--no-bf16", None):
+        out = tmp_path / str(flag)
+        args = ["evaluate", "--model", str(run), "--out", str(out), "--count", "2"]
+        args += ["--seeds", "0", "--steps", "2", "--no-distribution"]
+        with pytest.raises(SystemExit):
+            main(args + ([flag] if flag else []))
+        metrics = json.loads((out / "metrics.json").read_text())
+        used[flag] = metrics["runs"][0]["settings"]["bf16"]
+        files = [out / s["file"] for s in metrics["runs"][0]["samples"]]
+        images[flag] = [np.asarray(Image.open(f)) for f in files]
+    assert used == {"--bf16": True, "--no-bf16": False, None: native_bf16("cpu")}
+    bf16, fp32 = np.stack(images["--bf16"]), np.stack(images["--no-bf16"])
+    assert (bf16 != fp32).any()
+    assert (np.stack(images[None]) == (bf16 if native_bf16("cpu") else fp32)).all()
+
+
+def test_steps_default_to_25_for_dpmpp2m_and_50_for_first_order_samplers(tmp_path):
+    run = make_run(tmp_path / "run", seed=0)
+    steps = {}
+    for sampler in ("dpmpp2m", "ddim"):
+        out = tmp_path / sampler
+        args = ["evaluate", "--model", str(run), "--out", str(out), "--sampler", sampler]
+        with pytest.raises(SystemExit):
+            main([*args, "--count", "1", "--seeds", "0", "--no-distribution"])
+        steps[sampler] = json.loads((out / "metrics.json").read_text())["runs"][0]["settings"]
+    assert {k: v["steps"] for k, v in steps.items()} == {"dpmpp2m": 25, "ddim": 50}

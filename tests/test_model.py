@@ -18,7 +18,7 @@ from greedygrow.model import (
     shell_preset,
 )
 from greedygrow.model.core import Block
-from greedygrow.model.layers import Conv2d, Linear, layer_norm
+from greedygrow.model.layers import Conv2d, Linear, attention, cpu_attention, layer_norm
 from greedygrow.model.shell import ResBlock
 
 TINY = CoreConfig(width=32, depth=2, heads=2, text_dim=24, text_len=8, fourier_dim=16)
@@ -226,6 +226,49 @@ def test_core_traces_without_graph_breaks():
     explanation = torch._dynamo.explain(model)(**x, drop_text=torch.tensor([True, False]))
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("lk", [16, 7])  # self-attention, and cross-attention to 7 text tokens
+def test_cpu_attention_matches_sdpa_values_and_gradients(lk):
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, 16, 8, generator=gen, requires_grad=True)
+    k, v = (torch.randn(2, 3, lk, 8, generator=gen, requires_grad=True) for _ in range(2))
+    mask = torch.rand(2, 1, 1, lk, generator=gen) > 0.4
+    mask[..., 0] = True  # every row attends to something
+    grad = torch.randn(2, 3, 16, 8, generator=gen)
+    results = []
+    for fn in (cpu_attention, torch.nn.functional.scaled_dot_product_attention):
+        out = fn(q * 8**-0.5, k, v, mask)[0] if fn is cpu_attention else fn(q, k, v, mask)
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
+        results.append((out, dq, dk, dv))
+    for ours, ref in zip(*results, strict=True):
+        assert torch.allclose(ours, ref, atol=1e-5)
+    low = attention(*(t.bfloat16() for t in (q, k, v)), mask)  # bf16 on CPU: cpu_attention
+    assert low.dtype == torch.bfloat16 and (low.float() - results[0][0]).abs().max() < 0.03
+
+
+def test_compiled_blocks_have_no_graph_breaks_and_train_like_eager():
+    model = tiny_uvit("grown", 32)
+    randomise_zero_inits(model)
+    x = inputs(2, 32)
+    grads = []
+    for compiled in (False, True):
+        if compiled:
+            model.compile_blocks()  # fullgraph=True: a graph break would raise here
+        model.zero_grad()
+        model(**x).square().mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*grads, strict=True))
+    torch._dynamo.reset()
+
+
+def test_shell_runs_channels_last_and_returns_contiguous_images():
+    model = tiny_uvit("grown", 32)
+    seen = []
+    model.shell.down[0][0].register_forward_hook(lambda m, i, o: seen.append(o))
+    out = model(**inputs(2, 32))
+    assert seen[0].is_contiguous(memory_format=torch.channels_last)
+    assert out.is_contiguous()
 
 
 def test_unreachable_shells_raise_clear_errors():

@@ -173,6 +173,35 @@ def test_shard_deleted_after_indexing_is_reencoded(tmp_path):
     _assert_same(out, FakeEncoder().encode(CAPTIONS[:2]))
 
 
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    return x.view(torch.int32) if x.dtype == torch.float32 else x
+
+
+def test_text_table_rows_are_bit_identical_to_encoding_through_the_cache(minilm, tmp_path):
+    long = " ".join(["a red circle and"] * 12)  # truncated at max_length tokens
+    captions = [*CAPTIONS, long, CAPTIONS[1]]
+    table = CachedTextEncoder(minilm, tmp_path).table(captions, "cpu", 1 << 30)  # cold
+    warm = CachedTextEncoder(CountingEncoder(minilm), tmp_path)
+    from_disk = warm.table(captions, "cpu", 1 << 30)
+    assert warm.encoder.seen == [] and len(table) == len(captions)
+    index = torch.tensor([5, 0, 4, 2, 2, 3])
+    want = warm.encode([captions[i] for i in index])  # what training read before the table
+    for got in (table[index], from_disk[index]):
+        for name in ("tokens", "mask", "pooled"):
+            assert torch.equal(_bits(getattr(got, name)), _bits(getattr(want, name))), name
+    _assert_same(want, minilm.encode([captions[i] for i in index]))  # (its padding: −0 or 0)
+
+
+def test_text_table_over_its_budget_is_refused_but_its_captions_stay_cached(tmp_path):
+    cached = CachedTextEncoder(FakeEncoder(), tmp_path)
+    assert cached.table(CAPTIONS, "cpu", max_bytes=100) is None
+    cached.flush()
+    counting = FakeEncoder()
+    table = CachedTextEncoder(counting, tmp_path).table(CAPTIONS, "cpu", 1 << 20)
+    assert counting.seen == [] and table.nbytes < 1 << 20
+    _assert_same(table[torch.arange(4)], FakeEncoder().encode(CAPTIONS))
+
+
 def test_caption_key_is_stable_and_distinguishes_captions():
     assert caption_key("a red circle") == caption_key("a red circle")
     assert caption_key("") != caption_key(" ") and len(caption_key("")) == 32

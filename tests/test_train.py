@@ -121,6 +121,16 @@ def test_train_core_writes_a_complete_run_folder(core_run):
     assert grids == ["step-0000002.png", "step-0000003.png"]  # every 2 steps and the last
 
 
+def test_text_table_and_scene_cache_train_exactly_like_encoding_and_drawing_each_step(
+    tmp_path, cache
+):
+    fast = train(train_core_config(None, [*TINY, "run.steps=3", cache]), tmp_path / "fast")
+    per_step = [*TINY, "run.steps=3", "data.text_table_mb=0", "data.scene_cache_mb=0", cache]
+    slow = train(train_core_config(None, per_step), tmp_path / "slow")
+    assert _losses(fast) == _losses(slow)
+    assert list(fast.glob("scenes/scenes-8px-*/images.u8")) and not (slow / "scenes").exists()
+
+
 def test_grow_keeps_core_weights(core_run, cache):
     cfg = grow_config(str(core_run), 16, "joint", None, None, [*GROW, "run.steps=1", cache])
     t = Trainable(cfg, Env(0, 1, torch.device("cpu")), 0, None)
@@ -366,8 +376,9 @@ def test_sample_flags_reach_the_sampler(core_run, tmp_path):
     never = grid("interval", "--guidance", "3", "--guidance-interval", "20", "30")  # λ > 15
     assert torch.equal(never, unguided)  # guidance outside every step's λ is no guidance
     assert not torch.equal(grid("w3", "--guidance", "3"), unguided)
+    fp32 = grid("fp32", "--guidance", "1", "--no-bf16")  # bf16 is the default where native
     bf16 = grid("bf16", "--guidance", "1", "--bf16")
-    assert not torch.equal(bf16, unguided) and (bf16 - unguided).abs().mean() < 8
+    assert not torch.equal(bf16, fp32) and (bf16 - fp32).abs().mean() < 8
 
 
 def _resumable(steps: int, cache: str) -> list[str]:

@@ -11,9 +11,10 @@ import logging
 import sys
 from collections.abc import Callable
 
+from greedygrow.allocator import keep_freed_memory
 from greedygrow.config import GROW_MODES
 from greedygrow.model import SHELL_FAMILIES
-from greedygrow.sampling import SAMPLERS
+from greedygrow.sampling import DEFAULT_STEPS, SAMPLERS
 
 
 def _add_info(p: argparse.ArgumentParser) -> None:
@@ -188,9 +189,21 @@ def _add_sampling(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--model", required=True, help="run folder with exported weights")
     p.add_argument("--out", required=True, help=out)
     p.add_argument("--sampler", choices=SAMPLERS, default="dpmpp2m")
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help=f"sampling steps (default per sampler: {DEFAULT_STEPS})",
+    )
     p.add_argument("--guidance", type=float, default=None, help="default: the run's own")
     p.add_argument("--raw", action="store_true", help="use raw weights instead of EMA")
+    p.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run the model under bf16 autocast (default: where the device computes bf16 "
+        "natively, e.g. CUDA or CPUs with AVX512-BF16/AMX)",
+    )
 
 
 def _add_sample(p: argparse.ArgumentParser) -> None:
@@ -207,7 +220,6 @@ def _add_sample(p: argparse.ArgumentParser) -> None:
         default=None,
         help="guide only at log-SNRs in [LO, HI] (default: every step)",
     )
-    p.add_argument("--bf16", action="store_true", help="run the model under bf16 autocast")
 
 
 def _run_sample(args: argparse.Namespace) -> int:
@@ -256,7 +268,7 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
         default=None,
         help="resize samples to this before scoring (compare runs at one size)",
     )
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=64, help="images per sampler batch")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument(
         "--inception",
@@ -286,13 +298,14 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         extractors = Extractors.load(args.inception, args.dino, args.clip, device=device)
     settings = Settings(
         sampler=args.sampler,
-        steps=args.steps,
+        steps=DEFAULT_STEPS[args.sampler] if args.steps is None else args.steps,
         guidance=args.guidance,
         seeds=tuple(args.seeds),
         resolution=args.resolution,
         batch_size=args.batch_size,
         device=device,
         ema=not args.raw,
+        bf16=args.bf16,
     )
     paths = evaluate(
         args.model,
@@ -348,6 +361,7 @@ def main(argv: list[str] | None = None) -> None:
     checkpoint (ValueError, among them ConfigError and CheckpointMismatch) or a missing file is
     reported on stderr with exit status 2."""
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         status = COMMANDS[args.command][1](args)

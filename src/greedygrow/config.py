@@ -58,7 +58,7 @@ class ModelConfig:
     shell_overrides: dict[str, Any] = field(default_factory=dict)  # ShellConfig fields
     resolution: int = 32  # training resolution R (the data is resized to it)
     gradient_checkpointing: bool = resumable(False)
-    compile: bool = resumable(False)  # torch.compile the model
+    compile: bool = resumable(False)  # torch.compile each core block and shell ResBlock
 
 
 @dataclass
@@ -72,6 +72,9 @@ class DataConfig:
     text_encoder: str = "minilm"  # minilm | hf:<name-or-path>
     text_max_length: int = 32
     text_cache_dir: str | None = resumable(None)  # None: RUN/text-cache
+    text_table_mb: int = resumable(4096)  # largest text table on the device; 0: encode per step
+    scene_cache_dir: str | None = resumable(None)  # scenes drawn once, uint8; None: RUN/scenes
+    scene_cache_mb: int = resumable(4096)  # largest scene cache (N·(3R² + 8) B); 0: draw always
 
 
 @dataclass
@@ -352,6 +355,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("; ".join(problems))
 
 
+DATA_COUNTS = ("workers", "text_table_mb", "scene_cache_mb")
+
+
 def _range_problems(cfg: Config) -> list[str]:
     """Numbers outside their ranges, as 'key must be ..., got ...'."""
     optim = cfg.optim
@@ -359,7 +365,7 @@ def _range_problems(cfg: Config) -> list[str]:
     rules = [
         ("model.resolution", cfg.model.resolution > 0, "positive"),
         ("data.caption_dropout", 0 <= cfg.data.caption_dropout < 1, "in [0, 1)"),
-        ("data.workers", cfg.data.workers >= 0, ">= 0"),
+        *((f"data.{k}", getattr(cfg.data, k) >= 0, ">= 0") for k in DATA_COUNTS),
         ("optim.lr", optim.lr > 0, "positive"),
         ("optim.betas", betas_ok, "2 in [0, 1)"),
         ("optim.warmup_steps", optim.warmup_steps >= 0, ">= 0"),

@@ -15,7 +15,7 @@ from greedygrow.checkpoint import load_model
 from greedygrow.config import ConfigError
 from greedygrow.diffusion import Schedule
 from greedygrow.distributed import resolve_device
-from greedygrow.sampling import sample, uvit_denoiser
+from greedygrow.sampling import DEFAULT_STEPS, native_bf16, sample, uvit_denoiser
 from greedygrow.text import TextEmbeddings, TextEncoder, shared_text_encoder
 
 
@@ -28,7 +28,7 @@ def load_for_sampling(
     return model, encoder, Schedule.from_dict(meta["schedule"]), meta
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def sample_images(
     model: nn.Module, text: TextEmbeddings, schedule: Schedule, seeds: list[int], **kw: Any
 ) -> Tensor:
@@ -127,7 +127,7 @@ def sample_to_png(
     model_dir: str | Path,
     out: str | Path,
     prompts: list[str],
-    steps: int = 50,
+    steps: int | None = None,
     sampler: str = "dpmpp2m",
     guidance: float | None = None,
     seed: int = 0,
@@ -136,9 +136,11 @@ def sample_to_png(
     ema: bool = True,
     device: str = "auto",
     guidance_interval: tuple[float, float] | None = None,
-    bf16: bool = False,
+    bf16: bool | None = None,
 ) -> Path:
-    """Sample a labelled grid (one row per prompt) from an exported run; returns the PNG."""
+    """Sample a labelled grid (one row per prompt) from an exported run; returns the PNG.
+    None picks the defaults: `steps` DEFAULT_STEPS[sampler]; `bf16` bf16 autocast where the
+    device computes bf16 natively (`native_bf16`)."""
     dev = resolve_device(device)
     model, encoder, schedule, meta = load_for_sampling(model_dir, ema, dev)
     if resolution is not None and resolution != model.shell_config.resolution:
@@ -155,13 +157,13 @@ def sample_to_png(
         schedule,
         prompts,
         per_prompt,
-        steps,
+        DEFAULT_STEPS[sampler] if steps is None else steps,
         sampler,
         guidance,
         seed,
         dev,
         guidance_interval,
-        bf16,
+        native_bf16(dev) if bf16 is None else bf16,
     )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,6 @@
 """`CachedTextEncoder`: a text encoder whose caption embeddings are kept on disk, one folder
-per encoder, in immutable safetensors shards (format: docs/performance.md, "Text encoding")."""
+per encoder, in immutable safetensors shards (format: docs/performance.md, "Text encoding");
+`TextTable`: a fixed list of captions' embeddings on the training device, gathered by row."""
 
 from __future__ import annotations
 
@@ -76,7 +77,52 @@ class CachedTextEncoder:
 
     def encode(self, captions: Sequence[str]) -> TextEmbeddings:
         """Embed `captions` like the wrapped encoder (the same tensors), through the cache."""
-        captions = check_captions(captions)
+        keys, entries = self._entries(check_captions(captions))
+        n, length, dim = len(keys), self.max_length, self.dim
+        pin = torch.device(self.device).type == "cuda"  # pinned: the copy does not block
+        out = TextEmbeddings(
+            torch.zeros(n, length, dim, pin_memory=pin),
+            torch.zeros(n, length, dtype=torch.bool, pin_memory=pin),
+            torch.zeros(n, dim, pin_memory=pin),
+        )
+        for i, key in enumerate(keys):
+            tokens, pooled = entries[key]
+            out.tokens[i, : len(tokens)] = tokens
+            out.pooled[i] = pooled
+            out.mask[i, : len(tokens)] = True
+        return out.to(self.device, non_blocking=pin)
+
+    def table(
+        self, captions: Sequence[str], device: torch.device | str, max_bytes: int
+    ) -> TextTable | None:
+        """A `TextTable` of `captions` on `device` (row i: caption i), built through the cache;
+        None, with the cache filled so far, once it would take more than `max_bytes`."""
+        keys = [caption_key(c) for c in check_captions(captions)]
+        unique = list(dict.fromkeys(keys))
+        rows = {key: row for row, key in enumerate(unique)}
+        text = dict(zip(keys, captions, strict=True))
+        tokens, pooled, lengths, size = [], [], [], 8 * len(keys)
+        for chunk in range(0, len(unique), self.shard_size):
+            part = unique[chunk : chunk + self.shard_size]
+            _, entries = self._entries([text[k] for k in part])
+            size += sum(4 * (e[0].numel() + e[1].numel()) + 16 for e in entries.values())
+            if size > max_bytes:
+                return None
+            tokens.append(torch.cat([entries[k][0] for k in part]))
+            pooled.append(torch.stack([entries[k][1] for k in part]))
+            lengths += [len(entries[k][0]) for k in part]
+        tokens.append(torch.zeros(1, self.dim))  # the padding row
+        return TextTable(
+            torch.cat(tokens),
+            torch.tensor(lengths, dtype=torch.long),
+            torch.cat(pooled) if pooled else torch.zeros(0, self.dim),
+            torch.tensor([rows[k] for k in keys], dtype=torch.long),
+            self.max_length,
+            device,
+        )
+
+    def _entries(self, captions: list[str]) -> tuple[list[str], dict[str, Entry]]:
+        """The captions' keys and the entry of each key: from the cache, else encoded."""
         keys = [caption_key(c) for c in captions]
         unique = dict(zip(keys, captions, strict=True))
         entries = self._get(list(unique))
@@ -91,18 +137,7 @@ class CachedTextEncoder:
                 entries[key] = self._pending[key] = entry
                 if len(self._pending) >= self.shard_size:
                     self.flush()
-        n, length, dim = len(captions), self.max_length, self.dim
-        out = TextEmbeddings(
-            torch.zeros(n, length, dim),
-            torch.zeros(n, length, dtype=torch.bool),
-            torch.zeros(n, dim),
-        )
-        for i, key in enumerate(keys):
-            tokens, pooled = entries[key]
-            out.tokens[i, : len(tokens)] = tokens
-            out.pooled[i] = pooled
-            out.mask[i, : len(tokens)] = True
-        return out.to(self.device)
+        return keys, entries
 
     def _get(self, keys: list[str]) -> dict[str, Entry]:
         """Entries of the keys that are buffered or on disk."""
@@ -164,6 +199,47 @@ class CachedTextEncoder:
         self._index = {k: v for k, v in self._index.items() if v[0] != path}
         with contextlib.suppress(OSError):  # read-only cache, or another process did it
             os.replace(path, path.with_name(path.name + ".bad"))
+
+
+class TextTable:
+    """The embeddings of a fixed list of captions on one device, gathered by caption number:
+    `table[index]` equals `CachedTextEncoder.encode` of those captions, bit for bit, with no
+    hashing, file access or host copy per batch."""
+
+    def __init__(
+        self,
+        tokens: Tensor,
+        lengths: Tensor,
+        pooled: Tensor,
+        rows: Tensor,
+        max_length: int,
+        device: torch.device | str,
+    ) -> None:
+        """tokens [ΣL + 1, E]: each distinct caption's L real token vectors, packed, then a zero
+        row; lengths [U], pooled [U, E] per distinct caption; rows [N]: caption i's number."""
+        self.device = torch.device(device)
+        self.tokens, self.lengths, self.pooled, self.rows = (
+            t.to(self.device) for t in (tokens, lengths, pooled, rows)
+        )
+        self.starts = (torch.cumsum(self.lengths, 0) - self.lengths).to(self.device)
+        self.positions = torch.arange(max_length, device=self.device)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the table takes on its device."""
+        parts = (self.tokens, self.lengths, self.pooled, self.rows, self.starts)
+        return sum(t.numel() * t.element_size() for t in parts)
+
+    def __getitem__(self, index: Tensor) -> TextEmbeddings:
+        """Embeddings of captions `index` (int64 [B], any device), on the table's device."""
+        row = self.rows[index.to(self.device, non_blocking=True)]
+        mask = self.positions < self.lengths[row, None]
+        pad = len(self.tokens) - 1
+        source = torch.where(mask, self.starts[row, None] + self.positions, pad)
+        return TextEmbeddings(self.tokens[source], mask, self.pooled[row])
 
 
 def _digest(arrays: Iterable[np.ndarray]) -> str:

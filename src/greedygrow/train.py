@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -20,9 +21,17 @@ from torch.utils.data import IterableDataset
 
 from greedygrow.checkpoint import load_latest_state
 from greedygrow.config import Config, ConfigError, resolve, save_config, validate
-from greedygrow.data import make_dataset
-from greedygrow.data.order import step_batches
-from greedygrow.data.split import mix_seed
+from greedygrow.data import ScenesDataset, make_dataset
+from greedygrow.data.order import StepSampler, TextRows, step_batches
+from greedygrow.data.scene_cache import SceneCache
+from greedygrow.data.split import (
+    counter_draws,
+    counter_normals,
+    mix_seed,
+    mix_seed_tensor,
+    unit_floats,
+)
+from greedygrow.data.transforms import to_float
 from greedygrow.diffusion import Schedule, schedule_for, training_loss
 from greedygrow.distributed import (
     Env,
@@ -35,7 +44,7 @@ from greedygrow.distributed import (
 from greedygrow.run_folder import RunLogger, check_resume, save_checkpoint
 from greedygrow.sample import sample_grid
 from greedygrow.text import shared_text_encoder
-from greedygrow.text_cache import CachedTextEncoder
+from greedygrow.text_cache import CachedTextEncoder, TextTable
 from greedygrow.trainable import Trainable
 
 log = logging.getLogger(__name__)
@@ -90,7 +99,8 @@ def _train(cfg: Config, run: Path, env: Env) -> None:
     if env.main:
         save_config(cfg, run / "config.yaml")
     barrier(env)
-    batches = _batches(cfg, env, step)
+    batches, table = _data(cfg, env, step, run, encoder)
+    text_source = encoder if table is None else table
     logger = RunLogger(cfg, run, step) if env.main else None
     losses, busy = [], 0.0
     while step < cfg.run.steps:
@@ -98,17 +108,19 @@ def _train(cfg: Config, run: Path, env: Env) -> None:
             trainable.unfreeze_core()
         tic = time.perf_counter()
         lr = _set_lr(trainable.optimizer, cfg, step)
-        loss = _loss(trainable, next(batches), encoder, schedule, step)
+        loss = _loss(trainable, next(batches), text_source, schedule, step)
         grad_norm = trainable.optimizer_step(loss)
         trainable.update_ema(_ema_decay(cfg, step))
         step += 1
         losses.append(loss.detach())
+        if due := _due(step, cfg.run.log_every, cfg.run.steps):  # host syncs: before the clock
+            mean_loss, norm = all_mean(torch.stack(losses).mean(), env), float(grad_norm)
         busy += time.perf_counter() - tic
-        if _due(step, cfg.run.log_every, cfg.run.steps):
+        if due:
             values = {
-                "loss": all_mean(torch.stack(losses).mean(), env),
+                "loss": mean_loss,
                 "lr": lr,
-                "grad_norm": float(grad_norm),
+                "grad_norm": norm,
                 "images_per_s": len(losses) * cfg.run.batch_size / busy,
                 "core_frozen": trainable.core_frozen,
             }
@@ -156,11 +168,22 @@ def _sample(trainable: Trainable, encoder, schedule: Schedule, step: int, logger
         logger.grid(step, grid)
 
 
-def _loss(trainable: Trainable, batch: dict, encoder, schedule: Schedule, step: int) -> Tensor:
-    """The mean diffusion loss of this rank's share of the global batch at `step`."""
+def _loss(
+    trainable: Trainable,
+    batch: dict,
+    text_source: TextTable | CachedTextEncoder,
+    schedule: Schedule,
+    step: int,
+) -> Tensor:
+    """The mean diffusion loss of this rank's share of the global batch at `step`; its text
+    from the table by "text_row", else encoded (through the cache) from "caption"."""
     cfg, env = trainable.cfg, trainable.env
     x = batch["image"].to(env.device, non_blocking=True)
-    text = encoder.encode(list(batch["caption"])).to(env.device)
+    x = to_float(x) if x.dtype == torch.uint8 else x
+    if isinstance(text_source, TextTable):
+        text = text_source[batch["text_row"]]
+    else:
+        text = text_source.encode(list(batch["caption"])).to(env.device)
     first = step * cfg.run.batch_size + env.rank * (cfg.run.batch_size // env.world)
     drop, t, noise = _step_randomness(cfg, step, first, x)
     torch.manual_seed(mix_seed(cfg.run.seed, step, env.rank, 1))  # dropout, if any
@@ -188,19 +211,21 @@ def _loss(trainable: Trainable, batch: dict, encoder, schedule: Schedule, step: 
 def _step_randomness(
     cfg: Config, step: int, first: int, x: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Caption-drop flags [b], t [b] and noise like x, sample i seeded by (seed, step, first+i)."""
-    drops, ts, noises = [], [], []
-    for i in range(x.shape[0]):
-        g = torch.Generator(x.device).manual_seed(mix_seed(cfg.run.seed, step, first + i))
-        u = torch.rand(2, generator=g, device=x.device, dtype=torch.float64)
-        drops.append(u[0] < cfg.data.caption_dropout)
-        ts.append(u[1])
-        noises.append(torch.randn(x.shape[1:], generator=g, device=x.device, dtype=x.dtype))
-    return torch.stack(drops), torch.stack(ts), torch.stack(noises)
+    """Caption-drop flags [b], t [b] and noise like x, drawn at once on x's device: sample i's
+    draws are SplitMix64's stream from the seed mix_seed(seed, step, first + i) — draw 1 the
+    drop, 2 t, then one draw per two noise values (data/split.py)."""
+    b, n = x.shape[0], x[0].numel()
+    keys = mix_seed_tensor((cfg.run.seed, step), first + torch.arange(b, device=x.device))
+    u = unit_floats(counter_draws(keys, 2))
+    noise = counter_normals(keys, 3, (n + 1) // 2)[:, :n].reshape(x.shape).to(x.dtype)
+    return u[:, 0] < cfg.data.caption_dropout, u[:, 1], noise
 
 
-def _batches(cfg: Config, env: Env, start: int) -> Iterator[dict]:
-    """This rank's batches from step `start` on."""
+def _data(
+    cfg: Config, env: Env, start: int, run: Path, encoder: CachedTextEncoder
+) -> tuple[Iterator[dict], TextTable | None]:
+    """This rank's batches from step `start` on, and the table of the embeddings of every
+    caption they hold (None where captions are not known up front, or too many)."""
     data = cfg.data
     count = data.count if data.source == "scenes" else None
     dataset = make_dataset(
@@ -216,7 +241,17 @@ def _batches(cfg: Config, env: Env, start: int) -> Iterator[dict]:
         raise ConfigError(
             f"data set {data.source}:{data.path} is empty at min_native={data.min_native}"
         )
-    return step_batches(
+    table = rows = None
+    if hasattr(dataset, "caption") and data.text_table_mb > 0:
+        b = cfg.run.batch_size
+        sampler = StepSampler(len(dataset), b, env.rank, env.world, cfg.run.seed, start)
+        rows, table = _text_table(dataset, sampler.indices_read(cfg.run.steps), encoder, cfg, env)
+    cached = isinstance(dataset, ScenesDataset) and data.scene_cache_mb > 0
+    if cached and SceneCache.nbytes(dataset) <= data.scene_cache_mb << 20:
+        dataset = SceneCache(dataset, data.scene_cache_dir or run / "scenes", table is None)
+    if table is not None:
+        dataset = TextRows(dataset, rows)
+    batches = step_batches(
         dataset,
         cfg.run.batch_size,
         env.rank,
@@ -226,6 +261,35 @@ def _batches(cfg: Config, env: Env, start: int) -> Iterator[dict]:
         data.workers,
         pin_memory=env.device.type == "cuda",
     )
+    return batches, table
+
+
+def _text_table(
+    dataset, indices: np.ndarray, encoder: CachedTextEncoder, cfg: Config, env: Env
+) -> tuple[np.ndarray | None, TextTable | None]:
+    """(row of each item's caption, −1 for items not read; the table of those captions)."""
+    tic = time.perf_counter()
+    if env.main:
+        log.info("text: embedding the captions of %d items for the table", len(indices))
+    numbers: dict[str, int] = {}
+    rows = np.full(len(dataset), -1, dtype=np.int64)
+    for i in indices.tolist():
+        rows[i] = numbers.setdefault(dataset.caption(i), len(numbers))
+    table = encoder.table(list(numbers), env.device, cfg.data.text_table_mb << 20)
+    encoder.flush()
+    if table is None:
+        log.info("text: %d captions exceed data.text_table_mb; encoding per step", len(numbers))
+        return None, None
+    if env.main:
+        log.info(
+            "text: table of %d captions (%d items), %.0f MB on %s, in %.1f s",
+            len(numbers),
+            len(indices),
+            table.nbytes / 2**20,
+            env.device,
+            time.perf_counter() - tic,
+        )
+    return rows, table
 
 
 def _set_lr(optimizer: torch.optim.Optimizer, cfg: Config, step: int) -> float:

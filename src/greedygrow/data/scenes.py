@@ -370,6 +370,15 @@ class ScenesDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         return scene_item(self.seed, int(self.indices[i]), self.resolution)
 
+    def caption(self, i: int) -> str:
+        """Item i's caption, without drawing it."""
+        return sample_scene(self.seed, int(self.indices[i])).caption
+
+    def pixels(self, i: int) -> np.ndarray:
+        """Item i's image as uint8 [3, R, R]: its `image` is `to_tensor` of these pixels."""
+        image = render_native(sample_scene(self.seed, int(self.indices[i])), self.resolution)
+        return np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))
+
     def kept_summary(self) -> str:
         """How many scenes passed the native-resolution filter."""
         return (

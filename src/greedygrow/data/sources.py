@@ -343,6 +343,10 @@ class FolderDataset(ImageReader, Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    def caption(self, index: int) -> str:
+        """Item `index`'s caption, without reading its image."""
+        return self.items[index].caption
+
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         item = self.items[index]
         if (loaded := self._load(item.path, item.path, item.original, None)) is None:

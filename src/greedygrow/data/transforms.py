@@ -64,6 +64,12 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
+def to_float(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., 3, H, W] → float32 on their device, the same values as `to_tensor`."""
+    divisor = torch.full((), 127.5, device=pixels.device)  # a tensor: CUDA divides, no 1/x
+    return pixels.to(torch.float32).div_(divisor).sub_(1.0)
+
+
 def prepare_image(
     img: Image.Image, resolution: int, train: bool, rng: random.Random | None = None
 ) -> torch.Tensor:

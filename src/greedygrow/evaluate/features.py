@@ -240,12 +240,14 @@ class ClipFeatures(FeatureExtractor):
 
 
 def _hf_load(cls_name: str, spec: str, what: str, flag: str, local_files_only: bool):
-    import transformers
-
+    local = local_files_only or Path(spec).exists()
     try:
-        return getattr(transformers, cls_name).from_pretrained(
-            spec, local_files_only=local_files_only or Path(spec).exists()
-        )
+        if local and not Path(spec).exists() and not _hf_cached(spec):
+            # fail before importing the model's code, which alone takes seconds
+            raise OSError(f"{spec} is not in the local Hugging Face cache")
+        import transformers
+
+        return getattr(transformers, cls_name).from_pretrained(spec, local_files_only=local)
     except (OSError, ValueError) as err:
         raise WeightsUnavailableError(
             f"{what} needs the weights '{spec}', which are not a local folder and could not be "
@@ -254,6 +256,13 @@ def _hf_load(cls_name: str, spec: str, what: str, flag: str, local_files_only: b
             f"run `hf download {spec}` (or save_pretrained to a folder) and pass {flag} PATH, "
             f"or set {ALLOW_DOWNLOAD_ENV}=1 to let greedygrow download it."
         ) from err
+
+
+def _hf_cached(repo_id: str) -> bool:
+    """Whether the local Hugging Face cache holds `repo_id`'s config.json."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
 
 
 def load_extractor(

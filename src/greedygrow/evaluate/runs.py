@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
+import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -22,22 +24,25 @@ from greedygrow.data.sources import IMAGE_EXTENSIONS
 from greedygrow.evaluate.alignment import PromptResult, scene_prompts, score_image, summarize
 from greedygrow.evaluate.distribution import Extractors, distribution_metrics
 from greedygrow.sample import as_pil, load_for_sampling, sample_images, to_uint8
+from greedygrow.sampling import DEFAULT_STEPS, native_bf16
 
 References = tuple[str, Callable[[], Iterable[Tensor]]]  # (cache id, batches [B,3,R,R] in [−1,1])
 
 
 @dataclass(frozen=True)
 class Settings:
-    """How samples are drawn; `seeds` gives the images per prompt (image seed = 10000·p + s)."""
+    """How samples are drawn; `seeds` gives the images per prompt (image seed = 10000·p + s);
+    `bf16` None: bf16 autocast where the device computes bf16 natively (`native_bf16`)."""
 
     sampler: str = "dpmpp2m"
-    steps: int = 50
+    steps: int = DEFAULT_STEPS["dpmpp2m"]
     guidance: float | None = None  # None: the run's exported default
     seeds: tuple[int, ...] = (0, 1, 2, 3)
     resolution: int | None = None  # score at this size (samples resized); None: native
-    batch_size: int = 16
+    batch_size: int = 64
     device: str = "cpu"
     ema: bool = True
+    bf16: bool | None = None
 
     def __post_init__(self) -> None:
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
@@ -121,21 +126,31 @@ def sample_prompts(
     settings: Settings,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[Tensor, list[int], list[int], dict[str, Any]]:
-    """Sample every caption once per seed: (uint8 images, prompt index and seed per image, meta)."""
+    """Sample every caption once per seed: (uint8 images, prompt index and seed per image, meta).
+
+    The captions are encoded once; the images are drawn in batches of at most
+    `settings.batch_size`, all of one size (±1), any prompts mixed in a batch."""
     model, encoder, schedule, meta = load_for_sampling(run_dir, settings.ema, settings.device)
     guidance = float(meta["guidance"] if settings.guidance is None else settings.guidance)
-    jobs = [(p, 10_000 * p + s) for p in range(len(captions)) for s in settings.seeds]
-    kw = dict(steps=settings.steps, sampler=settings.sampler, guidance=guidance)
-    images = []
-    for start in range(0, len(jobs), settings.batch_size):
-        batch = jobs[start : start + settings.batch_size]
-        text = encoder.encode([captions[p] for p, _ in batch]).to(settings.device)
-        x = sample_images(model, text, schedule, [s for _, s in batch], **kw)
+    bf16 = native_bf16(settings.device) if settings.bf16 is None else settings.bf16
+    prompt_of = [p for p in range(len(captions)) for _ in settings.seeds]
+    seeds = [10_000 * p + s for p in range(len(captions)) for s in settings.seeds]
+    text = encoder.encode(list(captions)).to(settings.device)
+    kw = dict(steps=settings.steps, sampler=settings.sampler, guidance=guidance, autocast=bf16)
+    batches = torch.arange(len(seeds)).tensor_split(math.ceil(len(seeds) / settings.batch_size))
+    images, done, start = [], 0, time.perf_counter()
+    for rows in batches:
+        rows = rows.tolist()
+        x = sample_images(
+            model, text[[prompt_of[i] for i in rows]], schedule, [seeds[i] for i in rows], **kw
+        )
         images.append(to_uint8(x))
+        done += len(rows)
         if progress is not None:
-            progress(f"{Path(run_dir).name}: {start + len(batch)}/{len(jobs)} images")
-    meta = {**meta, "guidance_used": guidance}
-    return torch.cat(images), [p for p, _ in jobs], [s for _, s in jobs], meta
+            elapsed = time.perf_counter() - start
+            progress(f"{Path(run_dir).name}: {done}/{len(seeds)} images ({elapsed:.0f} s)")
+    meta = {**meta, "guidance_used": guidance, "bf16_used": bf16}
+    return torch.cat(images), prompt_of, seeds, meta
 
 
 def folder_references(root: str | os.PathLike, resolution: int) -> References:
@@ -225,12 +240,20 @@ def evaluate_run(
         resized = [np.array(as_pil(img).resize(size, bicubic)) for img in images]
         images = torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2)
     captions = [prompts.captions[p] for p in prompt_of]
+    start = time.perf_counter()
+    pixels = images.permute(0, 2, 3, 1).numpy()  # uint8 [N, R, R, 3], as the scorer reads
     results = [
-        None if (scene := prompts.scenes[p]) is None else score_image(as_pil(img), scene, caption)
-        for img, p, caption in zip(images, prompt_of, captions, strict=True)
+        None if (scene := prompts.scenes[p]) is None else score_image(img, scene, caption)
+        for img, p, caption in zip(pixels, prompt_of, captions, strict=True)
     ]
     scored = [r for r in results if r is not None]
+    aligned = time.perf_counter()
     dist, notes = _distribution(images, captions, prompts, extractors, references, cache_dir)
+    if progress is not None:
+        progress(
+            f"{Path(run_dir).name}: alignment scored in {aligned - start:.1f} s, distribution "
+            f"metrics in {time.perf_counter() - aligned:.1f} s"
+        )
     return RunEvaluation(
         name=name or Path(run_dir).name,
         run_dir=str(run_dir),
@@ -239,6 +262,7 @@ def evaluate_run(
             "sampler": settings.sampler,
             "steps": settings.steps,
             "guidance": meta["guidance_used"],
+            "bf16": meta["bf16_used"],
             "seeds": list(settings.seeds),
             "resolution": int(images.shape[-1]),
             "ema": settings.ema,

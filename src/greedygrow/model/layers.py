@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+from torch.utils.flop_counter import register_flop_formula
 
 
 @dataclass
@@ -72,12 +73,77 @@ class Conv2d(nn.Conv2d):
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Scaled dot-product attention on [B, H, L, Dh]; `mask` is bool, True = attend."""
+    """softmax(q kᵀ / √Dh) v on [B, H, L, Dh]; `mask` is bool, True = attend.
+
+    SDPA (flash or memory-efficient kernels), except for bf16 on CPU: there `cpu_attention`,
+    as PyTorch's CPU flash kernel runs its bf16 backward at under half the speed of plain
+    batched matmuls (docs/performance.md), and the core's 256-token grid keeps the
+    probabilities it stores small.
+    """
     if _COUNTERS:
         b, h, lq, dh = q.shape
         # FLOPs = 2 · B·H·Lq·Lk·Dh for q kᵀ, the same again for the weighted sum of v
         report_flops(4 * b * h * lq * k.shape[-2] * dh)
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        return cpu_attention(q * q.shape[-1] ** -0.5, k, v, mask)[0]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+@torch.library.custom_op("greedygrow::cpu_attention", mutates_args=())
+def cpu_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(P v, P) with P = softmax(q kᵀ) (q already scaled); one opaque op for torch.compile,
+    whose backward reuses P. Softmax accumulates in float32 also for bf16 inputs."""
+    s = torch.matmul(q, k.transpose(-1, -2))
+    if mask is not None:
+        s = s.masked_fill_(~mask, float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    return p @ v, p
+
+
+@cpu_attention.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    return q.new_empty((*q.shape[:-1], v.shape[-1])), q.new_empty((*q.shape[:-1], k.shape[-2]))
+
+
+@torch.library.custom_op("greedygrow::cpu_attention_backward", mutates_args=())
+def cpu_attention_backward(
+    grad: Tensor, q: Tensor, k: Tensor, v: Tensor, p: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of o = P v, P = softmax(q kᵀ): dv = Pᵀ do, dS = P ⊙ (do vᵀ − rowsum(·)),
+    dq = dS k, dk = dSᵀ q (the standard softmax-attention gradient)."""
+    grad = grad.contiguous()
+    ds = torch._softmax_backward_data(grad @ v.transpose(-1, -2), p, -1, p.dtype)
+    return ds @ k, ds.transpose(-1, -2) @ q, p.transpose(-1, -2) @ grad
+
+
+@cpu_attention_backward.register_fake
+def _(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, p: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _save_for_backward(ctx: Any, inputs: tuple, output: tuple) -> None:
+    q, k, v, _ = inputs
+    ctx.save_for_backward(q, k, v, output[1])
+
+
+def _attention_backward(ctx: Any, grad: Tensor, _grad_p: Tensor) -> tuple:
+    q, k, v, p = ctx.saved_tensors
+    return (*cpu_attention_backward(grad, q, k, v, p), None)
+
+
+cpu_attention.register_autograd(_attention_backward, setup_context=_save_for_backward)
+
+
+@register_flop_formula(torch.ops.greedygrow.cpu_attention)
+def _attention_flops(q: tuple, k: tuple, *_: Any, **__: Any) -> int:
+    # q kᵀ and P v: 2 · 2 · B·H·Lq·Lk·Dh (what torch.utils.flop_counter counts for SDPA)
+    return 4 * math.prod(q) * k[-2]
+
+
+@register_flop_formula(torch.ops.greedygrow.cpu_attention_backward)
+def _attention_backward_flops(grad: tuple, q: tuple, k: tuple, *_: Any, **__: Any) -> int:
+    # do vᵀ, dS k, dSᵀ q and Pᵀ do: 4 · 2 · B·H·Lq·Lk·Dh
+    return 8 * math.prod(q) * k[-2]
 
 
 class RMSNorm(nn.Module):

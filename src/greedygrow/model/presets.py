@@ -18,11 +18,13 @@ from greedygrow.model.core import CoreConfig
 from greedygrow.model.shell import ShellConfig
 from greedygrow.model.uvit import count_flops, count_parameters
 
+# heads of 64 channels, as in ViT and DiT (cpu-small is ViT-Ti's 192 × 3); cpu-tiny keeps two
+# heads of 32 rather than one
 CORE_PRESETS: dict[str, CoreConfig] = {
     "cpu-tiny": CoreConfig(width=64, depth=4, heads=2),
-    "cpu-mini": CoreConfig(width=128, depth=4, heads=4),
-    "cpu-small": CoreConfig(width=192, depth=6, heads=6),
-    "cpu-base": CoreConfig(width=256, depth=8, heads=8),
+    "cpu-mini": CoreConfig(width=128, depth=4, heads=2),
+    "cpu-small": CoreConfig(width=192, depth=6, heads=3),
+    "cpu-base": CoreConfig(width=256, depth=8, heads=4),
     "paper-0.5b": CoreConfig(width=1024, depth=20, heads=16),
     "paper-2b": CoreConfig(width=2048, depth=20, heads=16),
     "paper-8b": CoreConfig(width=3072, depth=34, heads=24),

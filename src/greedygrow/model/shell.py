@@ -168,7 +168,8 @@ class Shell(nn.Module):
     def encode(self, x: Tensor, emb: Tensor) -> tuple[Tensor, list[Tensor]]:
         """Pixels [B, 3, R, R] → (core input [B, D, G, G], skips from R down to 2G)."""
         grown = self.config.kind == "grown"
-        h = self.entry(x)
+        # channels-last: oneDNN and cuDNN convolve NHWC without converting layouts
+        h = self.entry(x.contiguous(memory_format=torch.channels_last))
         skips = []
         for i, blocks in enumerate(self.down):
             if i > 0:
@@ -192,4 +193,5 @@ class Shell(nn.Module):
             for block in blocks:
                 h = block(h, emb)
         h = self.exit(F.silu(self.exit_norm(h)))
-        return F.pixel_shuffle(h, self.config.patch) if self.config.patch > 1 else h
+        h = F.pixel_shuffle(h, self.config.patch) if self.config.patch > 1 else h
+        return h.contiguous()  # NCHW for the loss and the samplers

@@ -11,9 +11,9 @@ import functools
 import torch
 from torch import Tensor, nn
 
-from greedygrow.model.core import Core, CoreConfig
+from greedygrow.model.core import Block, Core, CoreConfig
 from greedygrow.model.layers import flop_counter
-from greedygrow.model.shell import IMAGE_CHANNELS, Shell, ShellConfig
+from greedygrow.model.shell import IMAGE_CHANNELS, ResBlock, Shell, ShellConfig
 
 
 class UViT(nn.Module):
@@ -58,14 +58,24 @@ class UViT(nn.Module):
         cond = self.core.embed(logsnr, text_tokens, text_mask, text_pooled, drop_text)
         h, skips = self.shell.encode(z.to(self.shell.entry.weight.dtype), cond.emb)
         b, d, g, _ = h.shape
-        tokens = self.core(h.flatten(2).transpose(1, 2), cond)  # [B, G·G, D], row-major
-        h = tokens.transpose(1, 2).reshape(b, d, g, g)
+        # the shell runs channels-last (NHWC), so [B, D, G, G] ↔ [B, G·G, D] (row-major) are views
+        tokens = self.core(h.permute(0, 2, 3, 1).reshape(b, g * g, d), cond)
+        h = tokens.view(b, g, g, d).permute(0, 3, 1, 2)
         return self.shell.decode(h, skips, cond.emb).to(z.dtype)
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Recompute activations of every core block and shell ResBlock in the backward."""
         self.core.set_gradient_checkpointing(enabled)
         self.shell.set_gradient_checkpointing(enabled)
+
+    def compile_blocks(self) -> None:
+        """torch.compile every core block and shell ResBlock in place, each as one graph
+        (fullgraph: a graph break is an error). Blocks of one shape share the compiled code,
+        so compiling costs one block's worth per shape, and the norms, modulation, gates and
+        activations around the matrix products fuse into a few loops (docs/performance.md)."""
+        for m in self.modules():
+            if isinstance(m, (Block, ResBlock)):  # forward only: DDP/FSDP2 hooks stay eager
+                m.forward = torch.compile(m.forward, fullgraph=True)
 
     def flops_per_image(self) -> int:
         """Forward FLOPs for one image (2 per multiply-add; matrix products only)."""
