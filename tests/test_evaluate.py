@@ -22,8 +22,9 @@ from greedygrow.sample import sample_images
 from greedygrow.sampling import native_bf16
 
 
-def make_run(path: Path, seed: int, with_log: bool = True) -> Path:
-    """A run folder as training writes it: exported weights (random), meta, loss log."""
+def make_run(path: Path, seed: int, with_log: bool = True, **meta_items) -> Path:
+    """A run folder as training writes it: exported weights (random), meta (with `meta_items`),
+    loss log."""
     torch.manual_seed(seed)
     core = core_preset("cpu-tiny", width=32, depth=1, heads=2)
     model = UViT(core, shell_preset("shallow", 32, "cpu"))
@@ -39,6 +40,7 @@ def make_run(path: Path, seed: int, with_log: bool = True) -> Path:
         "phase": "core",
         "mode": "scratch",
         "step": 30,
+        **meta_items,
     }
     path.mkdir(parents=True)
     export_model(path, model, meta)
@@ -168,6 +170,23 @@ def test_evaluate_compares_runs_with_distribution_metrics_and_prompt_file(tmp_pa
     assert "a-run" in " ".join(page.text) and "b-run" in " ".join(page.text)
     assert "biased upwards at small N" in " ".join(page.text)  # 8 images per run, not 10k
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2  # cached once, reused
+
+
+def test_compare_shows_each_runs_core_drift_from_its_meta_or_log_and_a_dash_otherwise(tmp_path):
+    joint = make_run(tmp_path / "joint", seed=0, phase="grow", mode="joint", core_drift=0.25)
+    unfreeze = make_run(tmp_path / "unfreeze", seed=1, phase="grow", mode="unfreeze")
+    with (unfreeze / "metrics.jsonl").open("a") as f:  # a run exported before drift was stored
+        f.write(json.dumps({"step": 31, "loss": 0.1, "core_drift": 0.125}) + "\n")
+    core = make_run(tmp_path / "core", seed=2)
+    settings = Settings(sampler="ddim", steps=1, seeds=(0,))
+    paths = evaluate(
+        joint, tmp_path / "out", [unfreeze, core], count=1, settings=settings, progress=None
+    )
+    metrics = json.loads(paths["metrics"].read_text())
+    assert [r["core_drift"] for r in metrics["runs"]] == [0.25, 0.125, None]
+    rows = paths["report"].read_text(encoding="utf-8").split("<tr>")
+    (drift,) = [r for r in rows if "core drift from phase 1" in r]
+    assert [c.split("<")[0] for c in drift.split("<td>")[1:]] == ["0.250", "0.125", "—"]
 
 
 def test_evaluate_reports_a_missing_run_clearly(tmp_path, capsys):

@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -155,16 +156,43 @@ def test_greedy_leaves_core_bit_identical_after_training(core_run, tmp_path, cac
     assert all(_logged(run, "core_frozen"))
 
 
-def test_unfreeze_changes_core_only_after_freeze_steps(core_run, tmp_path, cache):
-    run, _ = _grow(
-        core_run,
-        tmp_path / "unfreeze",
-        "unfreeze",
-        4,
-        cache,
-        freeze=2,
-        extra=["run.checkpoint_every=1", "run.keep=10"],
-    )
+@pytest.fixture(scope="module")
+def unfreeze_run(core_run, tmp_path_factory, cache) -> Path:
+    """4 steps, the core frozen for 2, a checkpoint after every step (log_every=1)."""
+    out = tmp_path_factory.mktemp("unfreeze") / "run"
+    extra = ["run.checkpoint_every=1", "run.keep=10"]
+    return _grow(core_run, out, "unfreeze", 4, cache, freeze=2, extra=extra)[0]
+
+
+def _history(run: Path) -> list[dict]:
+    """RUN/metrics.jsonl without the timings, which differ from one attempt to the next."""
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [
+        {k: v for k, v in json.loads(x).items() if k not in ("time", "images_per_s")} for x in lines
+    ]
+
+
+def _killed_after(run: Path, step: int, out: Path) -> Path:
+    """A copy of `run` as a run killed right after its checkpoint at `step`."""
+    shutil.copytree(run, out)
+    for s, path in list_states(out):
+        if s > step:
+            path.unlink()
+    return out
+
+
+def _assert_resumes_like(run: Path, reference: Path, step: int) -> None:
+    assert max(s for s, _ in list_states(run)) == step
+    cfg = load_config(reference / "config.yaml")
+    train(cfg, run)  # the same command again
+    assert _losses(run) == _losses(reference)  # exactly, step by step
+    assert _history(run) == _history(reference)  # lr, grad_norm, core_frozen, core_drift too
+    a, b = load_file(run / "model-raw.safetensors"), load_file(reference / "model-raw.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_unfreeze_changes_core_only_after_freeze_steps(unfreeze_run, core_run):
+    run = unfreeze_run
     _, original = load_core(core_run)
 
     def core_at(step):
@@ -176,6 +204,39 @@ def test_unfreeze_changes_core_only_after_freeze_steps(core_run, tmp_path, cache
     for step in (3, 4):
         assert not all(torch.equal(core_at(step)[k], original[k]) for k in original), step
     assert _logged(run, "core_frozen") == [True, True, False, False]
+
+
+@pytest.mark.parametrize("killed_at", [2, 3])  # the unfreeze step (frozen state), one after
+def test_unfreeze_run_killed_at_or_after_its_unfreeze_step_resumes_with_the_same_losses(
+    unfreeze_run, tmp_path, killed_at
+):
+    run = _killed_after(unfreeze_run, killed_at, tmp_path / "killed")
+    state = torch.load(state_path(run, killed_at), weights_only=True)
+    in_optimizer = {str(k).split(".")[0] for k in state["optimizer"]["state"]}
+    assert in_optimizer == ({"shell"} if killed_at == 2 else {"shell", "core"})
+    _assert_resumes_like(run, unfreeze_run, killed_at)
+
+
+@pytest.mark.parametrize("mode", ["joint", "greedy"])
+def test_joint_and_greedy_runs_resume_from_a_checkpoint_with_the_same_losses(
+    core_run, tmp_path, cache, mode
+):
+    extra = ["run.checkpoint_every=1", "run.keep=10"]
+    reference, _ = _grow(core_run, tmp_path / "reference", mode, 3, cache, extra=extra)
+    assert all(("core_drift" in line) == (mode == "joint") for line in _history(reference))
+    run = _killed_after(reference, 1, tmp_path / "killed")
+    _assert_resumes_like(run, reference, 1)
+
+
+def test_core_drift_is_zero_while_frozen_then_grows_and_is_exported(unfreeze_run, core_run):
+    drift = _logged(unfreeze_run, "core_drift")
+    assert drift[:2] == [0.0, 0.0] and 0 < drift[2] < drift[3] < 1
+    trained = load_file(unfreeze_run / "model-raw.safetensors")
+    _, phase1 = load_core(core_run)  # the core's tensors are all parameters
+    moved = sum((trained[f"core.{k}"] - v).square().sum() for k, v in phase1.items())
+    size = sum(v.square().sum() for v in phase1.values())
+    assert drift[3] == pytest.approx(float((moved / size).sqrt()), rel=1e-5)  # ‖θ − θ₁‖/‖θ₁‖
+    assert json.loads((unfreeze_run / "model.json").read_text())["core_drift"] == drift[3]
 
 
 def test_core_lr_multiplier_applies_only_to_a_phase_1_core_that_goes_on_training(core_run, cache):

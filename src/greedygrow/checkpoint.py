@@ -316,10 +316,17 @@ def load_core(source: str | os.PathLike) -> tuple[CoreConfig, dict[str, Tensor]]
     """The core config and core weights (keys relative to ``model.core``, the only tensors
     read) of a run folder's EMA export or a .safetensors file written by :func:`export_model`."""
     weights, meta = _exported(source)
-    core = _config_from_meta(meta, "core", CoreConfig, weights)
+    return _config_from_meta(meta, "core", CoreConfig, weights), load_part(source, "core")
+
+
+def load_part(source: str | os.PathLike, part: str) -> dict[str, Tensor]:
+    """The weights of ``model.<part>`` (keys relative to it, the only tensors read) of a run
+    folder's EMA export or a .safetensors file written by :func:`export_model`."""
+    weights, _ = _exported(source)
+    prefix = f"{part}."
     with safe_open(weights, framework="pt", device="cpu") as f:
-        names = [k for k in f.keys() if k.startswith("core.")]  # noqa: SIM118 (safe_open)
-        state = {k[len("core.") :]: f.get_tensor(k) for k in names}
+        names = [k for k in f.keys() if k.startswith(prefix)]  # noqa: SIM118 (safe_open)
+        state = {k[len(prefix) :]: f.get_tensor(k) for k in names}
     if not state:
-        raise ValueError(f"{weights} holds no 'core.*' tensors: it is not an exported UViT")
-    return core, state
+        raise ValueError(f"{weights} holds no '{prefix}*' tensors: it is not an exported UViT")
+    return state

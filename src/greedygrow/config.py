@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ from greedygrow.sampling import SAMPLERS
 
 PRESETS_DIR = Path(__file__).parent / "configs"
 GROW_MODES = ("greedy", "unfreeze", "joint", "scratch")
+GROW_INITS = ("fresh", "preserve")  # docs/method.md, Growing
+CORE_LOGSNRS = ("pixel", "token")
 SOURCES = ("scenes", "folder", "webdataset")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -66,6 +69,9 @@ class DataConfig:
     source: str = "scenes"  # scenes | folder | webdataset
     path: str | None = None  # folder root or shard pattern (not used by scenes)
     count: int = 100_000  # scenes only: size of the fixed set (before the min_native filter)
+    # a weighted mixture [{source: scenes|folder, path, count, weight}]; when set, source, path
+    # and count above are not used (docs/data.md, Mixtures)
+    mixture: list[dict[str, Any]] = field(default_factory=list)
     min_native: int | None = None  # keep images with native side >= this; None: 0 / R (grow)
     caption_dropout: float = 0.1  # fraction of captions replaced by the null text
     workers: int = resumable(0)  # DataLoader worker processes per rank
@@ -128,6 +134,9 @@ class GrowConfig:
     mode: str | None = None  # None: phase 1 (train-core); greedy | unfreeze | joint | scratch
     core: str | None = None  # phase-1 run folder (not used by scratch)
     freeze_steps: int | None = None  # steps the core stays frozen; None: from the mode
+    init: str | None = None  # fresh | preserve (the phase-1 shell kept inside); None: from the mode
+    core_logsnr: str | None = None  # pixel | token: the λ the core reads; None: from the mode
+    freeze_inherited: bool = False  # grow.core a grown run: also freeze the shell levels it keeps
 
     def core_frozen_at(self, step: int) -> bool:
         """Whether the core is frozen at optimizer step `step` (0-based) of a validated config:
@@ -284,6 +293,8 @@ def shell_config(cfg: Config) -> ShellConfig:
         overrides = checked_fields(ShellConfig, cfg.model.shell_overrides, "model.shell_overrides")
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if kind == "grown" and cfg.grow.core and cfg.grow.mode != "scratch":
+        overrides = {**_phase1_links(cfg), **overrides}
     try:
         return shell_preset(kind, cfg.model.resolution, family, grid, **overrides)
     except (ValueError, TypeError) as e:
@@ -291,6 +302,35 @@ def shell_config(cfg: Config) -> ShellConfig:
             f"model.resolution={cfg.model.resolution} does not work with a {kind} shell of "
             f"family '{family}' around the core's {grid}×{grid} grid: {e}"
         ) from None
+
+
+def _phase1_links(cfg: Config) -> dict[str, Any]:
+    """A grown shell's ties to the run it grows (grow.core): with grow.init=preserve that run's
+    shallow shell as `inner`; with grow.core_logsnr=token the λ shift 2 log(R/R₁), R₁ the
+    resolution the core was trained at (docs/method.md, Growing)."""
+    links: dict[str, Any] = {}
+    if cfg.grow.init != "preserve" and cfg.grow.core_logsnr != "token":
+        return links
+    source = load_config(Path(cfg.grow.core) / "config.yaml")
+    if cfg.grow.init == "preserve":
+        if source.phase != "core":
+            raise ConfigError(
+                f"grow.init=preserve keeps the shallow shell of a train-core run; {cfg.grow.core} "
+                "is a grown run: use grow.init=fresh"
+            )
+        links["inner"] = shell_config(source)
+    if cfg.grow.core_logsnr == "token":
+        r1 = _core_resolution(source)
+        # tokens average (R/G)² pixels, so their log-SNR is λ_R + 2 log(R/R₁) against phase 1's
+        links["core_logsnr_shift"] = 2 * math.log(cfg.model.resolution / r1)
+    return links
+
+
+def _core_resolution(cfg: Config) -> int:
+    """The resolution a run's core was trained at in phase 1 (followed through grown runs)."""
+    if cfg.phase == "core" or cfg.grow.mode == "scratch":
+        return cfg.model.resolution
+    return _core_resolution(load_config(Path(cfg.grow.core) / "config.yaml"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,7 +348,14 @@ def resolve(cfg: Config) -> Config:
         cfg.run.sample_guidance = 1.75 if cfg.phase == "core" else 4.0
     if cfg.phase == "grow" and cfg.grow.freeze_steps is None:
         cfg.grow.freeze_steps = default_freeze_steps(cfg.grow.mode, cfg.run.steps)
+    if cfg.phase == "grow":  # scratch has no phase-1 shell or resolution to start from
+        scratch = cfg.grow.mode == "scratch"
+        cfg.grow.init = cfg.grow.init or ("fresh" if scratch else DEFAULT_INIT)
+        cfg.grow.core_logsnr = cfg.grow.core_logsnr or ("pixel" if scratch else DEFAULT_LOGSNR)
     return cfg
+
+
+DEFAULT_INIT, DEFAULT_LOGSNR = "fresh", "pixel"  # measured: docs/method.md, Growing
 
 
 def default_freeze_steps(mode: str, steps: int) -> int:
@@ -328,6 +375,8 @@ CHOICES: dict[str, tuple] = {
     "run.parallel": ("ddp", "fsdp"),
     "run.sample_sampler": SAMPLERS,
     "grow.mode": (*GROW_MODES, None),
+    "grow.init": (*GROW_INITS, None),
+    "grow.core_logsnr": (*CORE_LOGSNRS, None),
 }
 
 
@@ -343,8 +392,12 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be one of {choices}, got {_value(cfg, key)!r}")
     core = core_config(cfg)
     shell_config(cfg)
-    problems = [*_range_problems(cfg), *_grow_problems(cfg.grow)]
-    if cfg.data.source != "scenes" and not cfg.data.path:
+    problems = [
+        *_range_problems(cfg),
+        *_grow_problems(cfg.grow),
+        *_mixture_problems(cfg.data.mixture),
+    ]
+    if not cfg.data.mixture and cfg.data.source != "scenes" and not cfg.data.path:
         problems.append(f"data.path is required for data.source={cfg.data.source}")
     if cfg.data.text_max_length > core.text_len:
         problems.append(
@@ -381,9 +434,63 @@ def _range_problems(cfg: Config) -> list[str]:
     return [f"{key} must be {what}, got {_value(cfg, key)}" for key, ok, what in rules if not ok]
 
 
+MIXTURE_KEYS = ("source", "path", "count", "weight")
+
+
+def _mixture_problems(entries: list[dict[str, Any]]) -> list[str]:
+    """What is wrong with each data.mixture entry, naming it by its index."""
+    problems = []
+    for k, entry in enumerate(entries):
+        where = f"data.mixture[{k}]"
+        if unknown := sorted(set(entry) - set(MIXTURE_KEYS)):
+            problems.append(f"{where}: unknown keys {unknown}; known keys are {list(MIXTURE_KEYS)}")
+        source, path, count = entry.get("source"), entry.get("path"), entry.get("count")
+        weight = entry.get("weight", 1.0)
+        if source == "webdataset":
+            problems.append(
+                f"{where}: webdataset shards cannot be mixed (a mixture draws items by index, a "
+                "stream has none); unpack them into a folder, or train on them alone with "
+                "data.source=webdataset"
+            )
+        elif source not in ("scenes", "folder"):
+            problems.append(f"{where}.source must be scenes or folder, got {source!r}")
+        elif source == "folder" and not path:
+            problems.append(f"{where}.path is required for a folder: its root directory")
+        elif source == "scenes" and path:
+            problems.append(
+                f"{where}: scenes are generated and take no path (got {path!r}); to read scenes "
+                "written with `greedygrow scenes`, use source folder"
+            )
+        if source == "scenes" and count is None:
+            problems.append(f"{where}.count is required for scenes: the size of the fixed set")
+        if count is not None and (type(count) is not int or count < 1):
+            problems.append(f"{where}.count must be a positive integer, got {count!r}")
+        number = isinstance(weight, (int, float)) and not isinstance(weight, bool)
+        if not (number and math.isfinite(weight) and weight > 0):
+            problems.append(f"{where}.weight must be a number > 0, got {weight!r}")
+    return problems
+
+
 def _grow_problems(grow: GrowConfig) -> list[str]:
     """The grow-mode rules: which modes need a phase-1 core, and which freeze_steps fit."""
     mode, steps = grow.mode, grow.freeze_steps
+    if mode is None and (grow.init or grow.core_logsnr):
+        return ["grow.init and grow.core_logsnr apply to `greedygrow grow` runs only"]
+    if grow.freeze_inherited and (
+        mode in (None, "scratch")
+        or not grow.core
+        or load_config(Path(grow.core) / "config.yaml").phase != "grow"
+    ):
+        return [
+            "grow.freeze_inherited freezes the shell levels kept from a grown run: it needs "
+            "`greedygrow grow --core GROWN_RUN` in a mode other than scratch, got "
+            f"mode={mode}, core={grow.core}; drop it, or grow from a grown run"
+        ]
+    if mode == "scratch" and (grow.init == "preserve" or grow.core_logsnr == "token"):
+        return [
+            "grow.init=preserve and grow.core_logsnr=token start from a phase-1 run; "
+            "--mode scratch has none (use fresh and pixel)"
+        ]
     if mode in ("greedy", "unfreeze", "joint") and not grow.core:
         return [f"grow.core: --mode {mode} needs a phase-1 run folder (--core RUN)"]
     if mode == "greedy" and steps not in (None, -1):

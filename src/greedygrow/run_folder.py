@@ -62,9 +62,17 @@ def check_resume(cfg: Config, run: Path) -> None:
         )
 
 
-def save_checkpoint(run: Path, cfg: Config, step: int, state: dict, schedule: Schedule) -> None:
+def save_checkpoint(
+    run: Path,
+    cfg: Config,
+    step: int,
+    state: dict,
+    schedule: Schedule,
+    core_drift: float | None = None,
+) -> None:
     """The training state (`state`: model, optimizer, EMA) and the EMA and raw exports, whose
-    meta (RUN/model.json) is what inference needs besides the weights."""
+    meta (RUN/model.json) is what inference needs besides the weights, and the trained core's
+    drift from phase 1 at `step` where it is tracked (unfreeze, joint)."""
     save_state(run, step, {"step": step, "config": to_dict(cfg), **state}, keep=cfg.run.keep)
     meta = {
         "core": core_config(cfg).to_dict(),
@@ -78,6 +86,8 @@ def save_checkpoint(run: Path, cfg: Config, step: int, state: dict, schedule: Sc
         "mode": cfg.grow.mode,
         "step": step,
     }
+    if core_drift is not None:
+        meta["core_drift"] = core_drift
     export_model(run, state["ema"], meta, name="model")
     export_model(run, state["model"], meta, name="model-raw")
 

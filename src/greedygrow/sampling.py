@@ -1,9 +1,11 @@
 """Samplers for v-prediction models: ancestral, DDIM and DPM-Solver++(2M), with guidance.
 
-Every sampler walks t from 1 (noise) to 0 on `steps` equal intervals of t, mapped to log-SNR by
-the schedule, calls the model once per interval (at its noisy end) and returns the last step's
-x̂ clamped to [−1, 1]: the final interval is a jump to the clean image, which is what a DDIM or
-first-order DPM-Solver++ step does as σ → 0, so `steps` is exactly the number of model calls.
+Every sampler calls the model `steps` times, at log-SNRs evenly spaced from the schedule's noisy
+end λ(1) to its clean end λ(0) = λ_max, both included (`logsnr_grid`), steps between the calls,
+and returns the x̂ of the last call, at λ_max, clamped to [−1, 1]. Even spacing in λ gives detail
+at every scale the same accuracy, coarse structure (low λ at high resolution) as well as fine
+texture (high λ); ending on a call at λ_max keeps fine detail that a last call at high noise
+averages away (docs/method.md, Sampling).
 
 Classifier-free guidance (Ho & Salimans 2022) is applied to v̂: out = out_u + w (out_c − out_u).
 Because x̂ and ε̂ are linear in v̂ at fixed (z, λ), this is the same as guiding x̂ or ε̂.
@@ -128,6 +130,14 @@ def _noise(generators: Sequence[torch.Generator], shape: Sequence[int], device) 
     return torch.stack([torch.randn(tuple(shape), generator=g) for g in generators]).to(device)
 
 
+def logsnr_grid(schedule: Schedule, steps: int) -> list[float]:
+    """The log-SNRs of a sampler's `steps` model calls, noisy to clean: evenly spaced from λ(1)
+    to λ(0) = λ_max, both included (a single call is at λ(1))."""
+    lam_noise, lam_clean = schedule.logsnr(torch.tensor([1.0, 0.0], dtype=torch.float64)).tolist()
+    # λ_i = λ(1) + i (λ(0) − λ(1)) / (steps − 1)  (DPM-Solver's logSNR spacing, Lu et al. 2022)
+    return torch.linspace(lam_noise, lam_clean, int(steps), dtype=torch.float64).tolist()
+
+
 @torch.inference_mode()
 def sample(
     denoise: Denoiser,
@@ -156,35 +166,36 @@ def sample(
     v_hat = _guided(denoise, float(guidance), guidance_interval, device, autocast)
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     z = _noise(generators, shape[1:], device)
-    t = torch.linspace(1.0, 0.0, int(steps) + 1, dtype=torch.float64)
-    lams = schedule.logsnr(t).tolist()
+    lams = logsnr_grid(schedule, steps)
     x_prev: Tensor | None = None
     h_prev = 0.0
-    for i in tqdm(range(int(steps)), disable=not progress, desc=f"sampling ({sampler})"):
-        lam_t, lam_s = lams[i], lams[i + 1]
+    for i, lam_t in enumerate(tqdm(lams, disable=not progress, desc=f"sampling ({sampler})")):
         lt = torch.tensor(lam_t, dtype=torch.float32, device=device)
         v = v_hat(z, lam_t)
-        x = x_from_v(z, v, lt)
-        if i == int(steps) - 1:
-            break
+        x = x_from_v(z, v, lt)  # x̂ = α_t z − σ_t v̂  (Salimans & Ho 2022)
+        if i == len(lams) - 1:
+            break  # the last call is at λ_max: its x̂ is the sample
+        lam_s = lams[i + 1]
         a_t, s_t = (float(c) for c in alpha_sigma(torch.tensor(lam_t, dtype=torch.float64)))
         a_s, s_s = (float(c) for c in alpha_sigma(torch.tensor(lam_s, dtype=torch.float64)))
         if sampler == "ddim":
-            # z_s = α_s x̂ + σ_s ε̂  (DDIM, η = 0; Song et al. 2021)
+            # z_s = α_s x̂ + σ_s ε̂, ε̂ = σ_t z + α_t v̂  (DDIM, η = 0; Song et al. 2021, eq. 12)
             z = a_s * x + s_s * eps_from_v(z, v, lt)
         elif sampler == "ancestral":
-            # q(z_s | z_t, x̂): with c = 1 − e^{λ_t − λ_s}, mean = (α_t σ_s² / (α_s σ_t²)) z_t
-            # + α_s c x̂, variance = σ_s² c  (VDM posterior, Kingma et al. 2021, eq. in App. A)
+            # z_s ~ q(z_s | z_t, x = x̂), the DDPM posterior in λ (Kingma et al. 2021, App. A):
+            # c = 1 − e^{λ_t − λ_s} = σ²_{t|s} / σ_t²
             c = -math.expm1(lam_t - lam_s)
+            # mean = (α_t σ_s² / (α_s σ_t²)) z_t + α_s c x̂
             mean = (a_t * s_s**2 / (a_s * s_t**2)) * z + (a_s * c) * x
+            # z_s = mean + σ_s √c ε
             z = mean + (s_s * math.sqrt(c)) * _noise(generators, shape[1:], device)
         else:
-            # DPM-Solver++(2M), data prediction, in half-log-SNR h = (λ_s − λ_t)/2
-            # (Lu et al. 2022, Alg. 2): z_s = (σ_s/σ_t) z_t − α_s (e^{−h} − 1) D, with
-            # D = (1 + 1/(2r)) x̂_t − 1/(2r) x̂_prev, r = h_prev/h; first step D = x̂_t.
+            # DPM-Solver++(2M), data prediction (Lu et al. 2022, DPM-Solver++, Alg. 2), in
+            # half-log-SNR steps h = (λ_s − λ_t)/2 with r = h_prev / h:
             h = 0.5 * (lam_s - lam_t)
-            first = x_prev is None or h_prev == 0.0  # (a flat, clamped stretch of λ has h = 0)
-            d = x if first else x + (x - x_prev) * (h / (2.0 * h_prev))
+            # D = (1 + 1/(2r)) x̂_t − x̂_prev / (2r); D = x̂_t on the first step
+            d = x if x_prev is None else x + (x - x_prev) * (h / (2.0 * h_prev))
+            # z_s = (σ_s/σ_t) z_t − α_s (e^{−h} − 1) D
             z = (s_s / s_t) * z - (a_s * math.expm1(-h)) * d
             x_prev, h_prev = x, h
     return x.clamp(-1.0, 1.0)

@@ -21,7 +21,7 @@ from torch.utils.data import IterableDataset
 
 from greedygrow.checkpoint import load_latest_state
 from greedygrow.config import Config, ConfigError, resolve, save_config, validate
-from greedygrow.data import ScenesDataset, make_dataset
+from greedygrow.data import ScenesDataset, make_dataset, make_mixture
 from greedygrow.data.order import StepSampler, TextRows, step_batches
 from greedygrow.data.scene_cache import SceneCache
 from greedygrow.data.split import (
@@ -79,6 +79,7 @@ def _setup(cfg: Config, run: Path, env: Env) -> None:
     elif env.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # one batch shape per run: autotune convs once
 
 
 def _train(cfg: Config, run: Path, env: Env) -> None:
@@ -104,8 +105,7 @@ def _train(cfg: Config, run: Path, env: Env) -> None:
     logger = RunLogger(cfg, run, step) if env.main else None
     losses, busy = [], 0.0
     while step < cfg.run.steps:
-        if trainable.core_frozen and not cfg.grow.core_frozen_at(step):
-            trainable.unfreeze_core()
+        trainable.begin_step(step)
         tic = time.perf_counter()
         lr = _set_lr(trainable.optimizer, cfg, step)
         loss = _loss(trainable, next(batches), text_source, schedule, step)
@@ -115,6 +115,7 @@ def _train(cfg: Config, run: Path, env: Env) -> None:
         losses.append(loss.detach())
         if due := _due(step, cfg.run.log_every, cfg.run.steps):  # host syncs: before the clock
             mean_loss, norm = all_mean(torch.stack(losses).mean(), env), float(grad_norm)
+            drift = trainable.core_drift()  # collective under FSDP2
         busy += time.perf_counter() - tic
         if due:
             values = {
@@ -124,13 +125,15 @@ def _train(cfg: Config, run: Path, env: Env) -> None:
                 "images_per_s": len(losses) * cfg.run.batch_size / busy,
                 "core_frozen": trainable.core_frozen,
             }
+            if drift is not None:
+                values["core_drift"] = drift
             if logger is not None:
                 logger.log(step, values)
             losses, busy = [], 0.0
         if _due(step, cfg.run.checkpoint_every, cfg.run.steps):
-            state = trainable.full_state()  # collective
+            state, drift = trainable.full_state(), trainable.core_drift()  # collectives
             if env.main:
-                save_checkpoint(run, cfg, step, state, schedule)
+                save_checkpoint(run, cfg, step, state, schedule, drift)
             barrier(env)
         if cfg.run.sample_every and _due(step, cfg.run.sample_every, cfg.run.steps):
             _sample(trainable, encoder, schedule, step, logger)
@@ -227,16 +230,20 @@ def _data(
     """This rank's batches from step `start` on, and the table of the embeddings of every
     caption they hold (None where captions are not known up front, or too many)."""
     data = cfg.data
-    count = data.count if data.source == "scenes" else None
-    dataset = make_dataset(
-        data.source,
-        data.path,
-        cfg.model.resolution,
-        train=True,
-        min_native=data.min_native,
-        seed=cfg.run.seed,
-        count=count,
-    )
+    if data.mixture:  # no scene cache: it holds a plain ScenesDataset's images
+        r, seed = cfg.model.resolution, cfg.run.seed
+        dataset = make_mixture(data.mixture, r, True, data.min_native, seed)
+    else:
+        count = data.count if data.source == "scenes" else None
+        dataset = make_dataset(
+            data.source,
+            data.path,
+            cfg.model.resolution,
+            train=True,
+            min_native=data.min_native,
+            seed=cfg.run.seed,
+            count=count,
+        )
     if not isinstance(dataset, IterableDataset) and len(dataset) == 0:
         raise ConfigError(
             f"data set {data.source}:{data.path} is empty at min_native={data.min_native}"

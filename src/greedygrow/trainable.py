@@ -4,9 +4,11 @@ sharded with FSDP2, with the core frozen or trained as the grow mode says."""
 from __future__ import annotations
 
 import gc
+import math
 import shutil
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -16,14 +18,22 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from greedygrow.checkpoint import load_core
 from greedygrow.config import Config, ConfigError, core_config, shell_config
 from greedygrow.distributed import Env, barrier, shard, uses_fsdp
-from greedygrow.grow import freeze_core, grow, unfreeze_core
+from greedygrow.grow import (
+    freeze_core,
+    freeze_inherited,
+    grow,
+    source_shell_config,
+    unfreeze_core,
+)
 from greedygrow.model import UViT
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 # rank 0 holds a full state dict, the others an empty one; each rank keeps its own shards
 FROM_RANK0 = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+DRIFT_MODES = ("unfreeze", "joint")  # grow modes that train a phase-1 core: core_drift logged
 
 
 class Trainable:
@@ -35,8 +45,16 @@ class Trainable:
         self.cfg, self.env = cfg, env
         self.core_cfg, self.shell_cfg = core_config(cfg), shell_config(cfg)
         self.fsdp = uses_fsdp(cfg.run.parallel, env)
-        self.core_frozen = cfg.grow.core_frozen_at(step)
+        # a state saved after `step` steps holds the optimizer of the last step taken, step − 1;
+        # `begin_step(step)` then unfreezes the core where step `step` is its first trained one
+        self.core_frozen = cfg.grow.core_frozen_at(max(step - 1, 0))
+        # grow.freeze_inherited: the grown run's shell, whose levels this one keeps frozen
+        frozen = cfg.grow.freeze_inherited
+        self.inherited_from = source_shell_config(cfg.grow.core) if frozen else None
         self.model = self._build(step)
+        self.phase1 = self._phase1_core(step)  # this rank's shards of θ₁, or None
+        # ‖θ₁‖² over this rank's shards, once
+        self.phase1_sq = None if self.phase1 is None else sum(p.square().sum() for p in self.phase1)
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, cfg, core=not self.core_frozen),
             lr=cfg.optim.lr,
@@ -85,11 +103,41 @@ class Trainable:
                 set_model_state_dict(target, dict(initial), options=FROM_RANK0)
         return model
 
+    def _phase1_core(self, step: int) -> list[Tensor] | None:
+        """This rank's shards of the phase-1 core's parameters θ₁, for `core_drift` (unfreeze and
+        joint only): the grown core at step 0; on resume read again from grow.core into the model
+        (whose resumed state is loaded over it next)."""
+        cfg, env, core = self.cfg, self.env, self.model.core
+        if cfg.grow.mode not in DRIFT_MODES:
+            return None
+        if step > 0:
+            state = load_core(cfg.grow.core)[1] if env.main or not self.fsdp else {}
+            set_model_state_dict(core, state, options=FROM_RANK0 if self.fsdp else FULL)
+        return [_local(p).detach().clone() for p in core.parameters()]
+
+    @torch.no_grad()
+    def core_drift(self) -> float | None:
+        """‖θ − θ₁‖ / ‖θ₁‖ of the core's parameters against phase 1's (None where not tracked):
+        one host sync, and a collective under FSDP2."""
+        if self.phase1 is None:
+            return None
+        current = [_local(p) for p in self.model.core.parameters()]
+        moved = torch.stack([torch.dist(p, q) for p, q in zip(current, self.phase1, strict=True)])
+        # ‖θ − θ₁‖² and ‖θ₁‖² over this rank's shards, summed over the ranks under FSDP2 (DDP
+        # ranks hold whole copies); drift = √(‖θ − θ₁‖² / ‖θ₁‖²)
+        sums = torch.stack([moved.square().sum(), self.phase1_sq])
+        if self.fsdp:
+            dist.all_reduce(sums)
+        return math.sqrt(float(sums[0] / sums[1]))
+
     def _prepare(self, model: UViT) -> UViT:
-        """Train mode, gradient checkpointing, and the core frozen if the mode says so."""
+        """Train mode, gradient checkpointing, the core frozen if the mode says so, and the
+        inherited shell levels with grow.freeze_inherited."""
         model.train().set_gradient_checkpointing(self.cfg.model.gradient_checkpointing)
         if self.core_frozen:
             freeze_core(model)
+        if self.inherited_from is not None:
+            freeze_inherited(model, self.inherited_from)
         return model
 
     def _wrap(self) -> None:
@@ -105,6 +153,12 @@ class Trainable:
                 )
             self.model.compile_blocks()
         self.forward = forward
+
+    def begin_step(self, step: int) -> None:
+        """Before optimizer step `step` (0-based): unfreeze the core if this is the first step
+        that trains it (grow.core_frozen_at, the one rule; unfreeze mode at freeze_steps)."""
+        if self.core_frozen and not self.cfg.grow.core_frozen_at(step):
+            self.unfreeze_core()
 
     def unfreeze_core(self) -> None:
         """Train the core from now on (unfreeze mode): its parameters join the optimizer."""
@@ -158,7 +212,8 @@ def _local(p: Tensor) -> Tensor:
 
 
 def param_groups(model: UViT, cfg: Config, core: bool, shell: bool = True) -> list[dict]:
-    """AdamW groups: shell then core, each split into decayed (matrices) and not (the rest)."""
+    """AdamW groups: shell then core, each split into decayed (matrices) and not (the rest);
+    frozen parameters (requires_grad False) are left out."""
     core_ids = {id(p) for p in model.core.parameters()}
     # the multiplier slows a phase-1 core that goes on training; a core being learned (phase 1,
     # scratch) trains at the shell's rate
@@ -166,7 +221,11 @@ def param_groups(model: UViT, cfg: Config, core: bool, shell: bool = True) -> li
     core_mult = cfg.optim.core_lr_multiplier if trained_on else 1.0
     groups = []
     for name, wanted, mult in (("shell", shell, 1.0), ("core", core, core_mult)):
-        params = [p for p in model.parameters() if (id(p) in core_ids) == (name == "core")]
+        params = [
+            p
+            for p in model.parameters()
+            if p.requires_grad and (id(p) in core_ids) == (name == "core")
+        ]
         for decay in (True, False):
             chosen = [p for p in params if (p.ndim >= 2) == decay]
             if wanted and chosen:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import glob
 import os
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from greedygrow.data.mixture import Mixture
 from greedygrow.data.scenes import ScenesDataset, ScenesStream, sample_scene, write_dataset
 from greedygrow.data.shards import WebDatasetStream
 from greedygrow.data.sources import FolderDataset, SkipCounter, skip_none_collate
@@ -39,6 +41,31 @@ def make_dataset(
     if source == "webdataset":
         return WebDatasetStream(path, resolution, train, min_native, epoch_size=count, seed=seed)
     raise ValueError(f"unknown data source {source!r}; expected 'scenes', 'folder' or 'webdataset'")
+
+
+def make_mixture(
+    entries: Sequence[dict[str, Any]],
+    resolution: int,
+    train: bool = True,
+    min_native: int = 0,
+    seed: int = 0,
+) -> Mixture:
+    """A `Mixture` of `entries`, each ``{source: scenes|folder, path, count, weight (default
+    1)}`` built as `make_dataset` builds it, `min_native` for all (docs/data.md, Mixtures)."""
+    sources = []
+    for k, e in enumerate(entries):
+        if e.get("source") not in ("scenes", "folder") or (
+            e["source"] == "scenes" and e.get("count") is None
+        ):
+            raise ValueError(
+                f"mixture entry {k} {e}: a mixture draws items by index, so it takes scenes with "
+                "a count or a folder, not a stream (scenes without count, webdataset)"
+            )
+        d = make_dataset(
+            e["source"], e.get("path"), resolution, train, min_native, seed, e.get("count")
+        )
+        sources.append(d)
+    return Mixture(sources, [e.get("weight", 1.0) for e in entries], seed)
 
 
 def captions(spec: str, seed: int = 0, workers: int = 0) -> Iterator[str]:

@@ -107,6 +107,7 @@ class RunEvaluation:
     distribution: dict[str, float]
     distribution_notes: dict[str, str]  # metric or feature network -> why it is missing
     loss: list[tuple[int, float]]  # (step, training loss)
+    core_drift: float | None = None  # ‖θ − θ₁‖/‖θ₁‖ of a grown core (unfreeze, joint)
 
 
 def read_loss_curve(run_dir: str | os.PathLike) -> list[tuple[int, float]]:
@@ -118,6 +119,19 @@ def read_loss_curve(run_dir: str | os.PathLike) -> list[tuple[int, float]]:
             row = json.loads(line)
             out.append((int(row["step"]), float(row["loss"])))
     return out
+
+
+def read_core_drift(run_dir: str | os.PathLike, meta: dict[str, Any]) -> float | None:
+    """The core's drift from phase 1, ‖θ − θ₁‖/‖θ₁‖: from the exported meta, else the last
+    RUN/metrics.jsonl line that logs it; None where neither has it (phase 1, greedy, scratch)."""
+    if meta.get("core_drift") is not None:
+        return float(meta["core_drift"])
+    path = Path(run_dir) / "metrics.jsonl"
+    drift = None
+    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            drift = float(json.loads(line)["core_drift"])
+    return drift
 
 
 def sample_prompts(
@@ -277,4 +291,5 @@ def evaluate_run(
         distribution=dist,
         distribution_notes=notes,
         loss=read_loss_curve(run_dir),
+        core_drift=read_core_drift(run_dir, meta),
     )

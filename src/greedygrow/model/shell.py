@@ -6,6 +6,12 @@ depth-to-space back to R×R. *grown*: a U-Net encoder with one level per resolut
 down to 2G (ResBlocks, then space-to-depth + 1×1 conv halving the resolution), a 1×1 conv to
 D at G×G; the decoder mirrors it, upsampling by 1×1 conv + depth-to-space and concatenating
 the encoder's output of the same level as a skip connection.
+
+A grown shell may keep the phase-1 shallow shell beside it (`inner`, function-preserving
+growth): the inner shell reads the input average-pooled to its resolution and adds its tokens to
+the grown encoder's, whose last conv starts at zero; its output, upsampled (nearest), is added to
+the grown decoder's, whose exit conv starts at zero. So a freshly grown UViT computes
+upsample(ShallowUViT(downsample(z))) exactly, and the new levels come in as they learn.
 """
 
 from __future__ import annotations
@@ -39,9 +45,13 @@ class ShellConfig(DictSpec):
     dropout: float = 0.0
     dropout_max_resolution: int = 64
     norm_groups: int = 32
+    inner: ShellConfig | None = None  # a shallow shell kept inside a grown one (module doc)
+    core_logsnr_shift: float = 0.0  # added to λ before the core reads it (docs/method.md)
 
     def __post_init__(self) -> None:
         where = f"ShellConfig(kind={self.kind!r}, resolution={self.resolution}, grid={self.grid})"
+        if isinstance(self.inner, dict):  # from JSON/YAML
+            object.__setattr__(self, "inner", ShellConfig.from_dict(self.inner))
         if self.kind not in ("shallow", "grown"):
             raise ValueError(f"{where}: kind must be 'shallow' or 'grown'")
         check_positive_ints(self, where)
@@ -69,6 +79,19 @@ class ShellConfig(DictSpec):
             raise ValueError(f"{where}: blocks must be positive ints, got {self.blocks}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"{where}: dropout must be in [0, 1), got {self.dropout}")
+        inner = self.inner
+        if inner is not None and not (
+            self.kind == "grown"
+            and inner.kind == "shallow"
+            and inner.inner is None
+            and inner.grid == self.grid
+            and self.resolution % inner.resolution == 0
+            and self.resolution > inner.resolution
+        ):
+            raise ValueError(
+                f"{where}: inner must be a shallow shell on the same grid at a lower resolution "
+                f"dividing {self.resolution}, inside a grown shell; got {inner}"
+            )
 
     @property
     def levels(self) -> int:
@@ -156,8 +179,11 @@ class Shell(nn.Module):
         )
         self.exit_norm = GroupNorm(groups, ch[0])
         self.exit = Conv2d(ch[0], IMAGE_CHANNELS * p * p, 3, padding=1)
-        nn.init.zeros_(self.exit.weight)
-        nn.init.zeros_(self.exit.bias)
+        self.inner = None if config.inner is None else Shell(config.inner, width)
+        # the exit, and with an inner shell the entry to the core, start at zero (module doc)
+        for conv in (self.exit, self.to_core) if self.inner is not None else (self.exit,):
+            nn.init.zeros_(conv.weight)
+            nn.init.zeros_(conv.bias)
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Recompute each ResBlock's activations in the backward pass (saves memory)."""
@@ -178,10 +204,23 @@ class Shell(nn.Module):
                 h = block(h, emb)
             skips.append(h)
         h = self.to_core(F.pixel_unshuffle(h, 2) if grown else h)
+        if self.inner is not None:  # the inner shell on the input box-downsampled to its size
+            h = h + self.inner.encode(F.avg_pool2d(x, self._inner_factor), emb)[0]
         return h, skips if grown else []
+
+    @property
+    def _inner_factor(self) -> int:
+        return self.config.resolution // self.config.inner.resolution
 
     def decode(self, h: Tensor, skips: list[Tensor], emb: Tensor) -> Tensor:
         """Core output [B, D, G, G] and the encoder's skips → pixels [B, 3, R, R]."""
+        out = self._decode(h, skips, emb)
+        if self.inner is not None:  # plus the inner shell's output, nearest-upsampled
+            inner = self.inner.decode(h, [], emb)
+            out = out + F.interpolate(inner, scale_factor=self._inner_factor, mode="nearest")
+        return out
+
+    def _decode(self, h: Tensor, skips: list[Tensor], emb: Tensor) -> Tensor:
         h = self.from_core(h)
         if self.config.kind == "grown":
             h = F.pixel_shuffle(h, 2)

@@ -55,6 +55,8 @@ class UViT(nn.Module):
             raise ValueError(
                 f"UViT: z must be [B, 3, {r}, {r}] for this shell, got {list(z.shape)}"
             )
+        # the core reads λ + shift: 2 log(R/R₁) where its tokens are read at token SNR
+        logsnr = logsnr + self.shell_config.core_logsnr_shift
         cond = self.core.embed(logsnr, text_tokens, text_mask, text_pooled, drop_text)
         h, skips = self.shell.encode(z.to(self.shell.entry.weight.dtype), cond.emb)
         b, d, g, _ = h.shape
