@@ -19,6 +19,7 @@ from greedygrow.config import (
 )
 from greedygrow.grow import grow
 from greedygrow.model import CoreConfig, ShellConfig, UViT
+from greedygrow.run_folder import check_resume
 
 CORE = CoreConfig(width=32, depth=2, heads=2, grid=4, text_dim=16, text_len=8, fourier_dim=16)
 SHALLOW = ShellConfig(
@@ -140,3 +141,18 @@ def test_grow_config_links_the_phase1_shell_and_the_token_shift(tmp_path):
 def test_scratch_refuses_a_phase1_start(tmp_path):
     with pytest.raises(ConfigError, match="scratch has none"):
         grow_config(None, 64, "scratch", None, None, ["grow.init=preserve", "model.core=cpu-tiny"])
+
+
+def test_a_grow_run_written_before_the_start_keys_existed_resumes(tmp_path):
+    core = tmp_path / "core"
+    core.mkdir()
+    save_config(train_core_config(None, TINY_CORE), core / "config.yaml")
+    cfg = grow_config(str(core), 32, "greedy", None, None, ["run.steps=2"])
+    run = tmp_path / "grown"
+    run.mkdir()
+    save_config(cfg, run / "config.yaml")
+    text = (run / "config.yaml").read_text()
+    old = text.replace("  init: fresh\n", "").replace("  core_logsnr: pixel\n", "")
+    assert old != text
+    (run / "config.yaml").write_text(old)
+    check_resume(cfg, run)  # the missing keys resolve to what such a run did: fresh, pixel

@@ -21,6 +21,7 @@ from greedygrow.config import (
     core_config,
     default_freeze_steps,
     load_config,
+    resolve,
     shell_config,
     to_dict,
 )
@@ -36,7 +37,7 @@ def check_resume(cfg: Config, run: Path) -> None:
     path = run / "config.yaml"
     if not path.is_file():
         return
-    old = load_config(path)
+    old = resolve(load_config(path))  # a key added since fills in as it was then
     grow = cfg.grow
     default = grow.freeze_steps == default_freeze_steps(grow.mode, cfg.run.steps)
     if cfg.phase == "grow" and default and grow.freeze_steps != old.grow.freeze_steps:
