@@ -313,6 +313,16 @@ def test_resume_refuses_a_different_config(core_run, cache):
         )
 
 
+def test_resume_refuses_a_run_whose_preset_changed_since_it_started(core_run, tmp_path, cache):
+    run = tmp_path / "copy"
+    shutil.copytree(core_run, run)
+    meta = json.loads((run / "model.json").read_text())
+    meta["core"]["heads"] *= 2  # as if the preset had twice the heads when the run started
+    (run / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match=r"another architecture[\s\S]*core\.heads"):
+        train(train_core_config(None, [*TINY, "run.steps=3", "run.sample_every=2", cache]), run)
+
+
 def test_extending_an_unfreeze_run_keeps_its_unfreeze_step(core_run, tmp_path, cache, caplog):
     cosine = ["optim.schedule=cosine"]
     run, first = _grow(core_run, tmp_path / "u", "unfreeze", 4, cache, extra=cosine)

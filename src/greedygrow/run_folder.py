@@ -3,6 +3,7 @@ exports, metrics log, TensorBoard and sample grids. Written by rank 0 only."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -60,6 +61,31 @@ def check_resume(cfg: Config, run: Path) -> None:
             f"{run} holds a run with another config; differing keys:\n  "
             + "\n  ".join(diff)
             + "\nUse another --out folder, or the same settings to resume it."
+        )
+    _check_architecture(cfg, run)
+
+
+def _check_architecture(cfg: Config, run: Path) -> None:
+    """Refuse to resume when the same config names another architecture than the run's export
+    (a preset changed since it started: e.g. cpu-small's heads, 6 → 3 on 2026-12-02)."""
+    meta_path = run / "model.json"
+    if not meta_path.is_file():
+        return
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    diff = []
+    for part, now in (("core", core_config(cfg)), ("shell", shell_config(cfg))):
+        was = type(now).from_dict(meta[part])  # fields added since take their defaults
+        diff += [
+            f"{part}.{f.name}: run {getattr(was, f.name)!r}, now {getattr(now, f.name)!r}"
+            for f in dataclasses.fields(now)
+            if getattr(was, f.name) != getattr(now, f.name)
+        ]
+    if diff:
+        raise ConfigError(
+            f"{run} was trained with another architecture than its config now names (a preset "
+            "changed since):\n  " + "\n  ".join(diff) + "\nResume with the run's values as "
+            "model.core_overrides / model.shell_overrides (e.g. model.core_overrides={heads: 6}), "
+            "or start a new --out folder."
         )
 
 
