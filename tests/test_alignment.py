@@ -197,6 +197,22 @@ def test_summary_counts_per_number_and_confusion_matrix():
     assert s["all_correct"] == pytest.approx(2 / 5)
 
 
+def test_summary_splits_held_out_pairs_from_the_other_prompts():
+    red = Detection(
+        "red", "circle", None, (0.1, 0.1, 0.2, 0.2), 0.01, 1.0, 0.78, 0.5, 0.0, 0.0, 0.0, 0.0
+    )
+    color, shape = sorted(HELD_OUT)[0]
+    seen = make_scene([Group("red", "circle", "plain", 1)], seed=0)
+    held = make_scene([Group(color, shape, "plain", 1)], seed=0)
+    results = [
+        score_questions(make_questions(seen, 64), [red]),  # right: 1.0
+        score_questions(make_questions(held, 64), [red]),  # the held-out pair missed: 0.0
+    ]
+    s = summarize(results)
+    assert s["held_out_dsg_score"] == 0.0 and s["seen_dsg_score"] == 1.0
+    assert s["held_out_prompts"] == 1 and s["dsg_score"] == 0.5
+
+
 def test_detect_reads_pil_arrays_and_model_tensors_alike():
     scene = sample_scene(7, 1)
     image = render(scene, 64)

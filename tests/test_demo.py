@@ -26,6 +26,8 @@ def test_demo_quick_runs_end_to_end_and_writes_its_grid(tmp_path):
     assert str(out / "samples.png") in done.stdout and str(out / "grown") in done.stdout
     core_grid = Image.open(out / "core-samples.png")  # the same prompts from the 32 px core
     assert core_grid.height == grid.height and str(out / "core-samples.png") in done.stdout
+    shipped = Image.open(out / "scenes-128-samples.png")  # what the full recipe reaches
+    assert shipped.width >= 2 * 128 and str(out / "scenes-128-samples.png") in done.stdout
     core, grown = (
         json.loads((out / "core" / "model.json").read_text()),
         json.loads((out / "grown" / "model.json").read_text()),

@@ -204,7 +204,7 @@ def test_evaluate_reports_a_missing_run_clearly(tmp_path, capsys):
             ]
         )
     assert done.value.code == 2
-    assert "nope does not exist" in capsys.readouterr().err
+    assert "nope: no such run folder or .safetensors file" in capsys.readouterr().err
 
 
 def test_prompt_file_parses_scene_captions(tmp_path):

@@ -262,6 +262,21 @@ def test_compiled_blocks_have_no_graph_breaks_and_train_like_eager():
     torch._dynamo.reset()
 
 
+@pytest.mark.slow  # about 20 compilations: a minute or two
+def test_compiled_shell_with_more_block_shapes_than_dynamos_default_limit_runs():
+    # grid 16 → 128 px: 3 encoder + 3 decoder ResBlock shapes, each trained and sampled (no
+    # grad) in fp32 and bf16: beyond the 8 entries Dynamo allows a code object by default
+    model = UViT(TINY, tiny_shell("grown", 128))
+    model.compile_blocks()
+    x = inputs(1, 128)
+    model(**x).square().mean().backward()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(**x)
+    with torch.no_grad():
+        model(**x)
+    torch._dynamo.reset()
+
+
 def test_shell_runs_channels_last_and_returns_contiguous_images():
     model = tiny_uvit("grown", 32)
     seen = []

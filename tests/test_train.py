@@ -122,6 +122,13 @@ def test_train_core_writes_a_complete_run_folder(core_run):
     assert grids == ["step-0000002.png", "step-0000003.png"]  # every 2 steps and the last
 
 
+def test_rerunning_a_finished_run_returns_without_touching_it(core_run, cache, monkeypatch):
+    before = {p: p.stat().st_mtime_ns for p in core_run.rglob("*") if p.is_file()}
+    monkeypatch.setattr("greedygrow.train.Trainable", None)  # building a model would fail
+    train(train_core_config(None, [*TINY, "run.steps=3", "run.sample_every=2", cache]), core_run)
+    assert before == {p: p.stat().st_mtime_ns for p in core_run.rglob("*") if p.is_file()}
+
+
 def test_text_table_and_scene_cache_train_exactly_like_encoding_and_drawing_each_step(
     tmp_path, cache
 ):

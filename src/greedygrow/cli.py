@@ -166,7 +166,11 @@ def _run_train_core(args: argparse.Namespace) -> int:
 
 
 def _add_grow(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--core", required=True, help="phase-1 run folder holding the core")
+    p.add_argument(
+        "--core",
+        required=True,
+        help="run folder holding the core (phase 1, or a grown run), or a shipped model's name",
+    )
     p.add_argument("--resolution", type=int, required=True)
     p.add_argument("--mode", choices=GROW_MODES, default="greedy")
     p.add_argument("--freeze-steps", type=int, default=None)
@@ -175,10 +179,16 @@ def _add_grow(p: argparse.ArgumentParser) -> None:
 
 def _run_grow(args: argparse.Namespace) -> int:
     from greedygrow.config import grow_config
+    from greedygrow.shipped import resolve_model
     from greedygrow.train import train
 
     cfg = grow_config(
-        args.core, args.resolution, args.mode, args.freeze_steps, args.config, args.overrides
+        str(resolve_model(args.core)),
+        args.resolution,
+        args.mode,
+        args.freeze_steps,
+        args.config,
+        args.overrides,
     )
     train(cfg, args.out)
     return 0
@@ -186,7 +196,11 @@ def _run_grow(args: argparse.Namespace) -> int:
 
 def _add_sampling(p: argparse.ArgumentParser, out: str) -> None:
     """The arguments `sample` and `evaluate` share."""
-    p.add_argument("--model", required=True, help="run folder with exported weights")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="run folder with exported weights, or a shipped model's name (greedygrow models)",
+    )
     p.add_argument("--out", required=True, help=out)
     p.add_argument("--sampler", choices=SAMPLERS, default="dpmpp2m")
     p.add_argument(
@@ -224,9 +238,10 @@ def _add_sample(p: argparse.ArgumentParser) -> None:
 
 def _run_sample(args: argparse.Namespace) -> int:
     from greedygrow.sample import sample_to_png
+    from greedygrow.shipped import resolve_model
 
     path = sample_to_png(
-        args.model,
+        resolve_model(args.model),
         args.out,
         args.prompts,
         steps=args.steps,
@@ -245,7 +260,9 @@ def _run_sample(args: argparse.Namespace) -> int:
 
 def _add_evaluate(p: argparse.ArgumentParser) -> None:
     _add_sampling(p, "report directory")
-    p.add_argument("--compare", nargs="*", default=[], help="more run folders to compare")
+    p.add_argument(
+        "--compare", nargs="*", default=[], help="more run folders (or shipped models) to compare"
+    )
     p.add_argument(
         "--prompts",
         default=None,
@@ -291,6 +308,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from greedygrow.distributed import resolve_device
     from greedygrow.evaluate.distribution import Extractors
     from greedygrow.evaluate.report import Settings, evaluate
+    from greedygrow.shipped import resolve_model
 
     device = str(resolve_device(args.device))
     extractors = None
@@ -308,9 +326,9 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         bf16=args.bf16,
     )
     paths = evaluate(
-        args.model,
+        str(resolve_model(args.model)),
         args.out,
-        args.compare,
+        [str(resolve_model(m)) for m in args.compare],
         args.prompts,
         args.count,
         args.references,
@@ -320,6 +338,46 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     )
     for name, path in paths.items():
         print(f"{name:8s} {path}")
+    return 0
+
+
+def _add_models(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+
+def _run_models(args: argparse.Namespace) -> int:
+    import json
+
+    from greedygrow.checkpoint import read_meta
+    from greedygrow.shipped import describe, shipped_models
+
+    models = shipped_models()
+    if args.json:
+        print(json.dumps({k: {"path": str(v), **read_meta(v)} for k, v in models.items()}))
+        return 0
+    if not models:
+        print("no models are shipped with this installation")
+    for name, folder in models.items():
+        print(describe(name, folder))
+    return 0
+
+
+def _add_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="run folder (its EMA export is written)")
+    p.add_argument("--out", required=True, help="model folder to write (replaced if there)")
+    p.add_argument("--card", default=None, help="JSON file: figures kept in the meta's card")
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from greedygrow.shipped import ship
+
+    card = json.loads(Path(args.card).read_text()) if args.card else {}
+    out = ship(args.run, args.out, card)
+    size = (out / "model.safetensors").stat().st_size / 2**20
+    print(f"{out}: bf16 weights, {size:.1f} MB; sample it with greedygrow sample --model {out}")
     return 0
 
 
@@ -343,6 +401,8 @@ COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
     "grow": (_add_grow, _run_grow, "phase 2: grow a core into a full shell"),
     "sample": (_add_sample, _run_sample, "sample a labelled image grid"),
     "evaluate": (_add_evaluate, _run_evaluate, "score a model and write a report"),
+    "export": (_add_export, _run_export, "write a run as a self-contained bf16 model folder"),
+    "models": (_add_models, _run_models, "list the models shipped with the package"),
     "demo": (_add_demo, _run_demo, "the whole method on scenes, CPU-sized"),
 }
 

@@ -234,6 +234,15 @@ def load_config(
     return OmegaConf.to_object(cfg)
 
 
+def run_config(run: str | Path) -> Config:
+    """The config.yaml of run folder `run`, not resolved; a relative grow.core in it is taken
+    relative to `run` (as in a shipped model, greedygrow/shipped.py)."""
+    cfg = load_config(Path(run) / "config.yaml")
+    if cfg.grow.core and not Path(cfg.grow.core).is_absolute():
+        cfg.grow.core = str(Path(run) / cfg.grow.core)
+    return cfg
+
+
 def to_dict(cfg: Config) -> dict:
     """The config as plain nested dicts/lists (YAML- and JSON-safe)."""
     return OmegaConf.to_container(OmegaConf.structured(cfg))
@@ -311,7 +320,7 @@ def _phase1_links(cfg: Config) -> dict[str, Any]:
     links: dict[str, Any] = {}
     if cfg.grow.init != "preserve" and cfg.grow.core_logsnr != "token":
         return links
-    source = load_config(Path(cfg.grow.core) / "config.yaml")
+    source = run_config(cfg.grow.core)
     if cfg.grow.init == "preserve":
         if source.phase != "core":
             raise ConfigError(
@@ -330,7 +339,7 @@ def _core_resolution(cfg: Config) -> int:
     """The resolution a run's core was trained at in phase 1 (followed through grown runs)."""
     if cfg.phase == "core" or cfg.grow.mode == "scratch":
         return cfg.model.resolution
-    return _core_resolution(load_config(Path(cfg.grow.core) / "config.yaml"))
+    return _core_resolution(run_config(cfg.grow.core))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -477,9 +486,7 @@ def _grow_problems(grow: GrowConfig) -> list[str]:
     if mode is None and (grow.init or grow.core_logsnr):
         return ["grow.init and grow.core_logsnr apply to `greedygrow grow` runs only"]
     if grow.freeze_inherited and (
-        mode in (None, "scratch")
-        or not grow.core
-        or load_config(Path(grow.core) / "config.yaml").phase != "grow"
+        mode in (None, "scratch") or not grow.core or run_config(grow.core).phase != "grow"
     ):
         return [
             "grow.freeze_inherited freezes the shell levels kept from a grown run: it needs "
@@ -544,7 +551,7 @@ def grow_config(
                 f"--core {core}: no config.yaml there; point --core at a "
                 "phase-1 run folder written by `greedygrow train-core`"
             )
-        phase1 = load_config(source)
+        phase1 = run_config(core)
         for key in INHERITED_KEYS:
             section, name = key.split(".")
             inherited.setdefault(section, {})[name] = _value(phase1, key)

@@ -1,5 +1,6 @@
 """`greedygrow demo`: the whole method on the built-in scenes, CPU-sized — train a core at
-32 px, grow it (greedy) to 64 px, sample the same prompts from the core and the grown model.
+32 px, grow it (greedy) to 64 px, sample the same prompts from the core and the grown model, and
+from the shipped scenes-128 model (what the full recipe reaches, docs/models.md).
 Its two runs are the presets demo-core and demo-grow (demo-quick-* for `--quick`)."""
 
 from __future__ import annotations
@@ -9,9 +10,11 @@ from pathlib import Path
 
 from greedygrow.config import grow_config, train_core_config
 from greedygrow.sample import sample_to_png
+from greedygrow.shipped import resolve_model
 from greedygrow.train import train
 
 GROWN_RESOLUTION = 64
+SHIPPED = "scenes-128"  # the shipped model whose grid ends the demo
 # the last two ask for colour/shape pairs that the scenes never draw (scenes.HELD_OUT)
 PROMPTS = (
     "a red circle",
@@ -40,14 +43,18 @@ def demo(out: str | Path, quick: bool = False) -> dict[str, Path]:
         str(out / "core"), GROWN_RESOLUTION, "greedy", None, f"{preset}-grow", cache
     )
     train(grown, out / "grown")
-    print(f"[demo] phase 2 took {time.time() - t1:.0f} s; sampling the same prompts from both")
+    print(
+        f"[demo] phase 2 took {time.time() - t1:.0f} s; sampling the same prompts from both, "
+        f"and from the shipped model {SHIPPED} (the full recipe, docs/models.md)"
+    )
     written = {"core run": out / "core", "grown run": out / "grown"}
     for name, run, png in (
-        ("samples", "grown", "samples.png"),
-        ("core samples", "core", "core-samples.png"),
+        ("samples", out / "grown", "samples.png"),
+        ("core samples", out / "core", "core-samples.png"),
+        (f"{SHIPPED} samples", resolve_model(SHIPPED), f"{SHIPPED}-samples.png"),
     ):
         written[name] = sample_to_png(
-            out / run,
+            run,
             out / png,
             PROMPTS[:3] if quick else PROMPTS,
             steps=4 if quick else 20,
@@ -60,10 +67,9 @@ def demo(out: str | Path, quick: bool = False) -> dict[str, Path]:
             written[f"{phase} grids"] = out / phase / "samples"
     print(f"[demo] done in {time.time() - t0:.0f} s. Wrote:")
     for name, path in written.items():
-        print(f"  {name:15s} {path}")
+        print(f"  {name:18s} {path}")
     print(
-        f"  sample more:    greedygrow sample --model {out / 'grown'} --out more.png "
-        '"two red circles"'
+        f'  sample more:       greedygrow sample --model {SHIPPED} --out more.png "two red circles"'
     )
-    print(f"  TensorBoard:    tensorboard --logdir {out}")
+    print(f"  TensorBoard:       tensorboard --logdir {out}")
     return written

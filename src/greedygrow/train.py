@@ -85,16 +85,20 @@ def _setup(cfg: Config, run: Path, env: Env) -> None:
 def _train(cfg: Config, run: Path, env: Env) -> None:
     _setup(cfg, run, env)
     schedule = schedule_for(cfg.model.resolution, cfg.diffusion.schedule)
-    encoder = CachedTextEncoder(
-        shared_text_encoder(cfg.data.text_encoder, cfg.data.text_max_length, str(env.device)),
-        cfg.data.text_cache_dir or run / "text-cache",
-    )
     fsdp = uses_fsdp(cfg.run.parallel, env)
     resumed = load_latest_state(run) if env.main or not fsdp else None  # FSDP2: rank 0 reads
     step, state = resumed if resumed is not None else (0, None)
     step = broadcast_int(step, env) if fsdp else step
+    if step >= cfg.run.steps:  # rerunning a finished recipe costs nothing (no data, no model)
+        if env.main:
+            log.info("%s is trained to step %d; raise run.steps to go on", run, step)
+        return
     if env.main and step:
         log.info("resuming %s from step %d", run, step)
+    encoder = CachedTextEncoder(
+        shared_text_encoder(cfg.data.text_encoder, cfg.data.text_max_length, str(env.device)),
+        cfg.data.text_cache_dir or run / "text-cache",
+    )
     trainable = Trainable(cfg, env, step, state)  # a core that does not fit is refused here
     del state
     if env.main:

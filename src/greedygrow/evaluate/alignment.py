@@ -356,9 +356,9 @@ def summarize(results: Iterable[PromptResult]) -> dict[str, Any]:
                 per_count.setdefault(int(q.expected), []).append(c)
                 confusion[int(q.expected) - 1, min(int(a), MAX_COUNT + 1)] += 1
     n_questions = sum(len(r.questions) for r in results)
-    held_out = [
-        r.score for r in results if any((q.color, q.shape) in HELD_OUT for q in r.questions)
-    ]
+    asks = [any((q.color, q.shape) in HELD_OUT for q in r.questions) for r in results]
+    held_out = [r.score for r, a in zip(results, asks, strict=True) if a]
+    seen = [r.score for r, a in zip(results, asks, strict=True) if not a]
     return {
         "prompts": len(results),
         "questions": n_questions,
@@ -367,6 +367,7 @@ def summarize(results: Iterable[PromptResult]) -> dict[str, Any]:
         "question_accuracy": float(sum(sum(r.correct) for r in results) / max(n_questions, 1)),
         "held_out_dsg_score": float(np.mean(held_out)) if held_out else None,
         "held_out_prompts": len(held_out),
+        "seen_dsg_score": float(np.mean(seen)) if seen else None,  # the prompts without them
         "accuracy": {k: float(np.mean(v)) for k, v in sorted(per_kind.items())},
         "count_accuracy": {str(n): float(np.mean(per_count[n])) for n in sorted(per_count)},
         "count_confusion": {

@@ -143,6 +143,7 @@ _METRIC_ROWS = [
     ("DSG score (mean prompt score)", lambda e: _al(e, "dsg_score")),
     ("all questions correct", lambda e: _al(e, "all_correct")),
     ("DSG score, held-out colour/shape pairs", lambda e: _al(e, "held_out_dsg_score")),
+    ("DSG score, the other prompts", lambda e: _al(e, "seen_dsg_score")),
     ("entity accuracy", lambda e: _al(e, "accuracy", "entity")),
     ("count accuracy", lambda e: _al(e, "accuracy", "count")),
     ("attribute accuracy", lambda e: _al(e, "accuracy", "attribute")),

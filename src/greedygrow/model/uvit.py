@@ -74,10 +74,17 @@ class UViT(nn.Module):
         """torch.compile every core block and shell ResBlock in place, each as one graph
         (fullgraph: a graph break is an error). Blocks of one shape share the compiled code,
         so compiling costs one block's worth per shape, and the norms, modulation, gates and
-        activations around the matrix products fuse into a few loops (docs/performance.md)."""
-        for m in self.modules():
-            if isinstance(m, (Block, ResBlock)):  # forward only: DDP/FSDP2 hooks stay eager
-                m.forward = torch.compile(m.forward, fullgraph=True)
+        activations around the matrix products fuse into a few loops (docs/performance.md).
+
+        Dynamo keeps one cache per code object: every ResBlock shape (level, decoder skip, train
+        or no-grad) is an entry of ResBlock.forward's, so its limit (8 by default, an error under
+        fullgraph) is raised to what this model can need."""
+        blocks = [m for m in self.modules() if isinstance(m, (Block, ResBlock))]
+        shapes = len(blocks) * 4  # each block × {train, no-grad} × {fp32, bf16 autocast}
+        config = torch._dynamo.config
+        config.recompile_limit = max(config.recompile_limit, shapes)
+        for m in blocks:  # forward only: DDP/FSDP2 hooks stay eager
+            m.forward = torch.compile(m.forward, fullgraph=True)
 
     def flops_per_image(self) -> int:
         """Forward FLOPs for one image (2 per multiply-add; matrix products only)."""
