@@ -96,6 +96,17 @@ def test_a_shipped_copy_samples_and_grows_from_another_directory(shipped, tmp_pa
     assert all(torch.equal(grown[k], source[k].float()) for k in core)  # greedy: kept
 
 
+def test_a_scratch_run_ships_without_its_phase1_path(shipped):
+    root, cache = shipped["root"], f"data.text_cache_dir={shipped['root'] / 'text-cache'}"
+    cfg = grow_config(str(shipped["core"]), 16, "scratch", None, None, [*GROW, cache])
+    run = train(cfg, root / "scratch")
+    out = root / "weights" / "scratch-16"
+    assert _cli("export", "--run", str(run), "--out", str(out)) == 0
+    assert str(root) not in (out / "config.yaml").read_text()
+    assert run_config(out).grow.core is None and not (out / PHASE1_FOLDER).exists()
+    assert load_model(out)[0] is not None
+
+
 def test_names_resolve_to_the_shipped_models_from_any_directory(tmp_path, monkeypatch):
     models = shipped_models()
     assert "scenes-128" in models

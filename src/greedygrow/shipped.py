@@ -76,6 +76,8 @@ def _ship_config(run: Path, dest: Path) -> None:
     if cfg.grow.core and cfg.grow.mode != "scratch":
         _ship_config(Path(cfg.grow.core), dest / PHASE1_FOLDER)
         cfg.grow.core = PHASE1_FOLDER
+    elif cfg.grow.core:  # scratch: the run only took the core's shape, which its config holds
+        cfg.grow.core = None
     dest.mkdir(parents=True, exist_ok=True)
     save_config(cfg, dest / "config.yaml")
     load_config(dest / "config.yaml")  # what was written reads back
