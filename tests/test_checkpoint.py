@@ -16,12 +16,14 @@ from torch import nn
 from greedygrow.atomic import atomic_write, atomic_write_json
 from greedygrow.checkpoint import (
     CheckpointMismatch,
+    NonFiniteTensors,
     export_model,
     list_states,
     load_core,
     load_latest_state,
     load_model,
     load_strict,
+    nonfinite_tensors,
     read_meta,
     save_state,
     unwrap_model,
@@ -319,3 +321,17 @@ def test_load_core_returns_core_tensors_relative_to_core(tmp_path, tiny_model):
     assert state.keys() == expected.keys()
     for k, v in expected.items():
         assert torch.equal(state[k], v)
+
+
+def test_a_state_or_export_holding_nan_or_inf_is_never_written(tmp_path):
+    good = {"model": {"w": torch.ones(2)}, "step": 3}
+    save_state(tmp_path, 3, good)
+    bad = {"model": {"w": torch.ones(2), "b": torch.tensor([0.0, float("nan")])}, "step": 4}
+    with pytest.raises(NonFiniteTensors, match=r"1 tensor\(s\) hold NaN or inf \(model/b\)"):
+        save_state(tmp_path, 4, bad)
+    assert [s for s, _ in list_states(tmp_path)] == [3]  # the earlier state is kept
+    assert nonfinite_tensors({"a": [torch.tensor(float("inf")), torch.arange(3)]}) == ["a/0"]
+    meta = {"core": {}, "shell": {}}
+    with pytest.raises(NonFiniteTensors, match=r"model.safetensors not written.*\(w\)"):
+        export_model(tmp_path, {"w": torch.tensor([float("-inf")])}, meta)
+    assert not (tmp_path / "model.safetensors").exists() and not list(tmp_path.glob(".tmp-*"))

@@ -1,5 +1,6 @@
 """torchrun with 2 gloo processes (DDP and FSDP2) equals 1 process with the same global batch,
-and a run resumes on another number of processes."""
+a run resumes on another number of processes, and a preemption signal stops every rank at the
+same step."""
 
 import json
 import os
@@ -7,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 from subprocess import PIPE
@@ -16,7 +18,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from greedygrow.checkpoint import state_path
+from greedygrow.checkpoint import list_states, state_path
 from greedygrow.distributed import shard
 from greedygrow.model.layers import Linear
 from test_model import inputs, randomise_zero_inits, tiny_uvit
@@ -218,3 +220,92 @@ def test_unfreeze_on_two_processes_equals_one_process(tmp_path, single, parallel
         json.loads(x)["core_frozen"] for x in (two / "metrics.jsonl").read_text().split("\n") if x
     ]
     assert frozen == [True, True, False, False]
+
+
+def _launch(out: Path, text_cache: Path, steps: int) -> subprocess.Popen:
+    """A 2-process gloo run in the background (its own session), logging every step."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "greedygrow",
+        "train-core",
+        "--out",
+        str(out),
+        *TINY,
+        f"run.steps={steps}",
+        "run.checkpoint_every=5",
+        "run.keep=2",
+        f"data.text_cache_dir={text_cache}",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        cmd, env=env, stdout=PIPE, stderr=PIPE, text=True, start_new_session=True
+    )
+
+
+def _workers(launcher: subprocess.Popen) -> list[int]:
+    """The pids of torchrun's worker processes."""
+    found = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True)
+    return [int(p) for p in found.stdout.split()]
+
+
+def _wait_for_state(run: Path, step: int, launcher: subprocess.Popen) -> None:
+    deadline = time.time() + 240
+    while not state_path(run, step).exists():
+        assert launcher.poll() is None and time.time() < deadline, launcher.communicate()[1][-3000:]
+        time.sleep(0.02)
+
+
+def _finish(launcher: subprocess.Popen) -> str:
+    try:
+        return launcher.communicate(timeout=300)[1]
+    except subprocess.TimeoutExpired:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        pytest.fail(f"hung:\n{launcher.communicate()[1][-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def long_single(single, tmp_path_factory) -> Path:
+    """The uninterrupted 1-process reference of the 2-process runs below (LONG steps)."""
+    run = tmp_path_factory.mktemp("long") / "run"
+    _run(run, 1, single[1], f"run.steps={LONG}", "run.checkpoint_every=5", "run.keep=2")
+    return run
+
+
+LONG = 40
+
+
+def test_sigusr1_to_one_worker_saves_on_every_rank_and_exits_0(single, long_single, tmp_path):
+    run = tmp_path / "preempted"
+    launcher = _launch(run, single[1], LONG)
+    _wait_for_state(run, 5, launcher)
+    os.kill(_workers(launcher)[-1], signal.SIGUSR1)  # SLURM's --signal, to one rank only
+    stderr = _finish(launcher)
+    assert launcher.returncode == 0, stderr[-3000:]
+    stopped = max(s for s, _ in list_states(run))
+    assert 5 <= stopped < LONG
+    assert stderr.count(f"SIGUSR1 received: training state saved at step {stopped}") == 2
+    resumed = _run(run, 2, single[1], f"run.steps={LONG}", "run.checkpoint_every=5", "run.keep=2")
+    assert f"resuming {run} from step {stopped}" in resumed.stderr
+    _assert_same_run(run, long_single)
+
+
+def test_fsdp2_posthoc_ema_profiles_match_one_process(single, tmp_path):
+    posthoc = (
+        "optim.posthoc_ema=[0.05,0.1]",
+        "optim.ema_sigma_rel=0.08",
+        "run.ema_snapshot_every=2",
+    )
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run(one, 1, single[1], *posthoc)
+    _run(two, 2, single[1], "run.parallel=fsdp", *posthoc)
+    _assert_same_run(two, one)
+    for step in (2, STEPS):
+        a, b = (load_file(r / "ema" / f"ema-{step:08d}.safetensors") for r in (one, two))
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)

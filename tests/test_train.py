@@ -174,9 +174,8 @@ def unfreeze_run(core_run, tmp_path_factory, cache) -> Path:
 def _history(run: Path) -> list[dict]:
     """RUN/metrics.jsonl without the timings, which differ from one attempt to the next."""
     lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [
-        {k: v for k, v in json.loads(x).items() if k not in ("time", "images_per_s")} for x in lines
-    ]
+    timings = ("time", "images_per_s", "wall_s", "cpu_s", "total_wall_s", "total_cpu_s")
+    return [{k: v for k, v in json.loads(x).items() if k not in timings} for x in lines]
 
 
 def _killed_after(run: Path, step: int, out: Path) -> Path:

@@ -51,6 +51,33 @@ class CheckpointMismatch(ValueError):
         self.mismatched = mismatched or []  # (name, checkpoint shape, module shape)
 
 
+class NonFiniteTensors(ValueError):
+    """A state or export holds NaN or ±inf: refused before anything is written."""
+
+
+def nonfinite_tensors(obj: Any, where: str = "") -> list[str]:
+    """The names (key paths) of the floating-point tensors in `obj` (nested dicts and lists)
+    holding a NaN or ±inf."""
+    if isinstance(obj, Tensor):
+        return [] if not obj.is_floating_point() or bool(obj.isfinite().all()) else [where]
+    if isinstance(obj, Mapping):
+        items = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    else:
+        return []
+    return [name for k, v in items for name in nonfinite_tensors(v, f"{where}/{k}".lstrip("/"))]
+
+
+def _refuse_nonfinite(obj: Any, what: Path) -> None:
+    if bad := nonfinite_tensors(obj):
+        shown = ", ".join(bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
+        raise NonFiniteTensors(
+            f"{what} not written: {len(bad)} tensor(s) hold NaN or inf ({shown}); the files "
+            "written before are kept. Resume from the last state with a lower optim.lr"
+        )
+
+
 # ---------------------------------------------------------------------------------------------
 # training states
 
@@ -118,6 +145,7 @@ def save_state(run_dir: str | os.PathLike, step: int, state: dict, keep: int = 3
         raise ValueError(f"save_state: step must be an int >= 0, got {step!r}")
     _check_loadable(state, "state")
     path = state_path(run_dir, step)
+    _refuse_nonfinite(state, path)
     atomic_write(path, lambda f: torch.save(state, f))
     remove_stale_temps(path.parent)
     for _, old in list_states(run_dir)[:-keep]:
@@ -214,6 +242,7 @@ def export_model(
     tensors = _export_tensors(state)
     run_dir = Path(run_dir)
     weights = run_dir / f"{name}.safetensors"
+    _refuse_nonfinite(tensors, weights)
     atomic_write_bytes(
         weights, safetensors_bytes(tensors, metadata={"format": "pt", META_KEY: meta_text})
     )

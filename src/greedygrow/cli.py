@@ -15,6 +15,7 @@ from greedygrow.allocator import keep_freed_memory
 from greedygrow.config import GROW_MODES
 from greedygrow.model import SHELL_FAMILIES
 from greedygrow.sampling import DEFAULT_STEPS, SAMPLERS
+from greedygrow.stopping import Preempted, RunStopped
 
 
 def _add_info(p: argparse.ArgumentParser) -> None:
@@ -381,6 +382,28 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_ema(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="run folder trained with optim.posthoc_ema")
+    p.add_argument("--sigma-rel", type=float, nargs="+", required=True, help="relative EMA lengths")
+    p.add_argument("--step", type=int, default=None, help="the step (default: the last snapshot)")
+    p.add_argument("--out", default=None, help="folder of the folders (default: the run)")
+
+
+def _run_ema(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from greedygrow.posthoc_ema import export_posthoc
+
+    for sigma_rel in args.sigma_rel:
+        out = Path(args.out or args.run) / f"ema-{sigma_rel:g}"
+        path, info = export_posthoc(Path(args.run), sigma_rel, out, args.step)
+        print(
+            f"{path}: EMA σ_rel={sigma_rel:g} at step {info['step']} from {info['snapshots']} "
+            "snapshot profiles"
+        )
+    return 0
+
+
 def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo", help="output folder")
     p.add_argument("--quick", action="store_true", help="smoke test in under 2 minutes")
@@ -403,6 +426,7 @@ COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
     "evaluate": (_add_evaluate, _run_evaluate, "score a model and write a report"),
     "export": (_add_export, _run_export, "write a run as a self-contained bf16 model folder"),
     "models": (_add_models, _run_models, "list the models shipped with the package"),
+    "ema": (_add_ema, _run_ema, "synthesise an EMA of any length after training (EDM2)"),
     "demo": (_add_demo, _run_demo, "the whole method on scenes, CPU-sized"),
 }
 
@@ -419,12 +443,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     """Parse `argv` and run the chosen command; exit with its status. A bad config, input or
     checkpoint (ValueError, among them ConfigError and CheckpointMismatch) or a missing file is
-    reported on stderr with exit status 2."""
+    reported on stderr with exit status 2; a run stopped by run.nonfinite with status 1; a
+    preempted run, its state saved, with status 0 (so a requeued job resumes)."""
     args = build_parser().parse_args(argv)
     keep_freed_memory()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         status = COMMANDS[args.command][1](args)
+    except Preempted as e:  # saved: a requeued job resumes
+        print(f"greedygrow {args.command}: {e}", file=sys.stderr)
+        sys.exit(0)
+    except RunStopped as e:
+        print(f"greedygrow {args.command}: stopped: {e}", file=sys.stderr)
+        sys.exit(1)
     except (ValueError, FileNotFoundError) as e:
         print(f"greedygrow {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)

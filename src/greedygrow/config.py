@@ -104,6 +104,11 @@ class OptimConfig:
     core_lr_multiplier: float = 1.0  # the phase-1 core's lr = lr · this (unfreeze, joint)
     ema_decay: float = 0.999
     ema_warmup: bool = True  # decay_n = min(decay, (1 + n) / (10 + n))
+    # the tracked EMA as a power function of this relative length (EDM2) instead of ema_decay
+    ema_sigma_rel: float | None = None
+    # relative lengths of the power-function EMA profiles kept for post-hoc EMA (`greedygrow
+    # ema`; EDM2 keeps [0.05, 0.10]); []: none
+    posthoc_ema: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -127,6 +132,11 @@ class RunConfig:
     sample_sampler: str = resumable("dpmpp2m")
     sample_guidance: float | None = resumable(None)  # None: the paper's 1.75 / 4.0 (grown)
     progress: bool = resumable(True)  # tqdm progress bar on rank 0
+    # a step whose gradient norm is not finite is skipped on the device; read at log steps:
+    # skip (stop after nonfinite_patience such steps in a row) | stop (at the first)
+    nonfinite: str = resumable("skip")
+    nonfinite_patience: int = resumable(20)
+    ema_snapshot_every: int = resumable(0)  # post-hoc EMA snapshots (RUN/ema); 0: at checkpoints
 
 
 @dataclass
@@ -373,6 +383,8 @@ def default_freeze_steps(mode: str, steps: int) -> int:
     return {"greedy": -1, "unfreeze": steps // 4}.get(mode, 0)
 
 
+SIGMA_REL_MAX = 12**-0.5  # a power-function EMA's longest relative length: γ = 0 (EDM2 §3)
+
 CHOICES: dict[str, tuple] = {
     "model.shell_family": tuple(SHELL_FAMILIES),
     "data.source": SOURCES,
@@ -382,6 +394,7 @@ CHOICES: dict[str, tuple] = {
     "run.precision": ("fp32", "bf16"),
     "run.device": DEVICES,
     "run.parallel": ("ddp", "fsdp"),
+    "run.nonfinite": ("skip", "stop"),
     "run.sample_sampler": SAMPLERS,
     "grow.mode": (*GROW_MODES, None),
     "grow.init": (*GROW_INITS, None),
@@ -439,6 +452,15 @@ def _range_problems(cfg: Config) -> list[str]:
         ("run.keep", cfg.run.keep >= 1, ">= 1"),
         *((f"run.{k}", getattr(cfg.run, k) >= 0, ">= 0") for k in ("log_every", "sample_every")),
         ("run.checkpoint_every", cfg.run.checkpoint_every >= 0, ">= 0"),
+        ("run.nonfinite_patience", cfg.run.nonfinite_patience >= 1, ">= 1"),
+        ("run.ema_snapshot_every", cfg.run.ema_snapshot_every >= 0, ">= 0"),
+        *(
+            (key, all(0 < s < SIGMA_REL_MAX for s in values), f"in (0, {SIGMA_REL_MAX:.4f})")
+            for key, values in (
+                ("optim.ema_sigma_rel", [optim.ema_sigma_rel or 0.1]),
+                ("optim.posthoc_ema", optim.posthoc_ema),
+            )
+        ),
     ]
     return [f"{key} must be {what}, got {_value(cfg, key)}" for key, ok, what in rules if not ok]
 

@@ -41,7 +41,8 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def init_distributed(device: str = "auto") -> Env:
-    """Join the torchrun process group if there is one (NCCL on CUDA, gloo on CPU)."""
+    """Join the torchrun process group if there is one: gloo on CPU; NCCL for CUDA tensors
+    beside gloo for CPU ones (the preemption flag is agreed on the host, without a device sync)."""
     dev = resolve_device(device)
     _, world = rank_and_world()
     if world == 1:
@@ -51,7 +52,8 @@ def init_distributed(device: str = "auto") -> Env:
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
         cuda = dev.type == "cuda"
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=dev if cuda else None)
+        backend = "cuda:nccl,cpu:gloo" if cuda else "gloo"
+        dist.init_process_group(backend, device_id=dev if cuda else None)
     return Env(dist.get_rank(), dist.get_world_size(), dev)
 
 

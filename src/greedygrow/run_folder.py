@@ -96,10 +96,12 @@ def save_checkpoint(
     state: dict,
     schedule: Schedule,
     core_drift: float | None = None,
+    compute: dict | None = None,
 ) -> None:
     """The training state (`state`: model, optimizer, EMA) and the EMA and raw exports, whose
-    meta (RUN/model.json) is what inference needs besides the weights, and the trained core's
-    drift from phase 1 at `step` where it is tracked (unfreeze, joint)."""
+    meta (RUN/model.json) is what inference needs besides the weights, the trained core's drift
+    from phase 1 at `step` where it is tracked (unfreeze, joint), and what training cost
+    (`compute`: this phase's and the total, accounting.py)."""
     save_state(run, step, {"step": step, "config": to_dict(cfg), **state}, keep=cfg.run.keep)
     meta = {
         "core": core_config(cfg).to_dict(),
@@ -115,6 +117,8 @@ def save_checkpoint(
     }
     if core_drift is not None:
         meta["core_drift"] = core_drift
+    if compute is not None:
+        meta["compute"] = compute
     export_model(run, state["ema"], meta, name="model")
     export_model(run, state["model"], meta, name="model-raw")
 

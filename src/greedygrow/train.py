@@ -19,8 +19,10 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import IterableDataset
 
-from greedygrow.checkpoint import load_latest_state
-from greedygrow.config import Config, ConfigError, resolve, save_config, validate
+from greedygrow.accounting import KEYS as ACCOUNT_KEYS
+from greedygrow.accounting import Account
+from greedygrow.checkpoint import load_latest_state, read_meta
+from greedygrow.config import Config, ConfigError, resolve, run_config, save_config, validate
 from greedygrow.data import ScenesDataset, make_dataset, make_mixture
 from greedygrow.data.order import StepSampler, TextRows, step_batches
 from greedygrow.data.scene_cache import SceneCache
@@ -41,8 +43,10 @@ from greedygrow.distributed import (
     init_distributed,
     uses_fsdp,
 )
+from greedygrow.posthoc_ema import SNAPSHOT_DIR, save_snapshot
 from greedygrow.run_folder import RunLogger, check_resume, save_checkpoint
 from greedygrow.sample import sample_grid
+from greedygrow.stopping import NonFiniteSteps, Preempted, Preemption
 from greedygrow.text import shared_text_encoder
 from greedygrow.text_cache import CachedTextEncoder, TextTable
 from greedygrow.trainable import Trainable
@@ -95,12 +99,19 @@ def _train(cfg: Config, run: Path, env: Env) -> None:
         return
     if env.main and step:
         log.info("resuming %s from step %d", run, step)
+    if step == 0:
+        _check_core_finished(cfg)
+    saved = state or {}  # what only the state knows (rank 0's under FSDP2)
+    account = Account(cfg, env, saved.get("compute"), _cost_before(cfg))
+    nonfinite = NonFiniteSteps(
+        env.device, cfg.run.nonfinite, cfg.run.nonfinite_patience, saved.get("nonfinite_steps", 0)
+    )
     encoder = CachedTextEncoder(
         shared_text_encoder(cfg.data.text_encoder, cfg.data.text_max_length, str(env.device)),
         cfg.data.text_cache_dir or run / "text-cache",
     )
     trainable = Trainable(cfg, env, step, state)  # a core that does not fit is refused here
-    del state
+    del state, saved
     if env.main:
         save_config(cfg, run / "config.yaml")
     barrier(env)
@@ -108,41 +119,122 @@ def _train(cfg: Config, run: Path, env: Env) -> None:
     text_source = encoder if table is None else table
     logger = RunLogger(cfg, run, step) if env.main else None
     losses, busy = [], 0.0
-    while step < cfg.run.steps:
-        trainable.begin_step(step)
-        tic = time.perf_counter()
-        lr = _set_lr(trainable.optimizer, cfg, step)
-        loss = _loss(trainable, next(batches), text_source, schedule, step)
-        grad_norm = trainable.optimizer_step(loss)
-        trainable.update_ema(_ema_decay(cfg, step))
-        step += 1
-        losses.append(loss.detach())
-        if due := _due(step, cfg.run.log_every, cfg.run.steps):  # host syncs: before the clock
-            mean_loss, norm = all_mean(torch.stack(losses).mean(), env), float(grad_norm)
-            drift = trainable.core_drift()  # collective under FSDP2
-        busy += time.perf_counter() - tic
-        if due:
-            values = {
-                "loss": mean_loss,
-                "lr": lr,
-                "grad_norm": norm,
-                "images_per_s": len(losses) * cfg.run.batch_size / busy,
-                "core_frozen": trainable.core_frozen,
-            }
-            if drift is not None:
-                values["core_drift"] = drift
-            if logger is not None:
-                logger.log(step, values)
-            losses, busy = [], 0.0
-        if _due(step, cfg.run.checkpoint_every, cfg.run.steps):
-            state, drift = trainable.full_state(), trainable.core_drift()  # collectives
-            if env.main:
-                save_checkpoint(run, cfg, step, state, schedule, drift)
-            barrier(env)
-        if cfg.run.sample_every and _due(step, cfg.run.sample_every, cfg.run.steps):
-            _sample(trainable, encoder, schedule, step, logger)
-    if logger is not None:
-        logger.close()
+    try:
+        with Preemption(env) as preemption:
+            while step < cfg.run.steps:
+                trainable.begin_step(step)
+                tic = time.perf_counter()
+                lr = _set_lr(trainable.optimizer, cfg, step)
+                loss = _loss(trainable, next(batches), text_source, schedule, step)
+                grad_norm, skipped = trainable.optimizer_step(loss)
+                nonfinite.record(skipped)
+                step += 1
+                trainable.update_ema(step, skipped)
+                losses.append(loss.detach())
+                if due := _due(step, cfg.run.log_every, cfg.run.steps):  # syncs: before the clock
+                    mean_loss, norm = _finite_mean(losses, env), float(grad_norm)
+                    drift = trainable.core_drift()  # collective under FSDP2
+                    skipped_steps = nonfinite.check(step)  # stops as run.nonfinite says
+                busy += time.perf_counter() - tic
+                if due:
+                    cost = account.phase(step)  # collective
+                    values = {
+                        "loss": mean_loss,
+                        "lr": lr,
+                        "grad_norm": norm,
+                        "images_per_s": len(losses) * cfg.run.batch_size / busy,
+                        "core_frozen": trainable.core_frozen,
+                        "skipped_steps": skipped_steps,
+                        **cost,
+                    }
+                    if cfg.phase == "grow":  # and the phases before it, where known
+                        values |= {f"total_{k}": v for k, v in (account.total(cost) or {}).items()}
+                    if drift is not None:
+                        values["core_drift"] = drift
+                    if logger is not None:
+                        logger.log(step, values)
+                    losses, busy = [], 0.0
+                stop = preemption.requested()  # a CPU collective under torchrun
+                if stop or _due(step, cfg.run.checkpoint_every, cfg.run.steps):
+                    _checkpoint(trainable, account, nonfinite, run, step, schedule)
+                snapshot_every = cfg.run.ema_snapshot_every or cfg.run.checkpoint_every
+                if trainable.profiles and _due(step, snapshot_every, cfg.run.steps):
+                    _snapshot(trainable, run, step)
+                if stop:
+                    raise Preempted(
+                        f"{stop} received: training state saved at step {step} in {run}; "
+                        "run the same command again to resume"
+                    )
+                if cfg.run.sample_every and _due(step, cfg.run.sample_every, cfg.run.steps):
+                    _sample(trainable, encoder, schedule, step, logger)
+    finally:
+        if logger is not None:
+            logger.close()
+
+
+def _checkpoint(
+    trainable: Trainable,
+    account: Account,
+    nonfinite: NonFiniteSteps,
+    run: Path,
+    step: int,
+    schedule: Schedule,
+) -> None:
+    """The training state and exports after `step`, with what they cost (collectives: every
+    rank calls it; rank 0 writes)."""
+    skipped_steps = nonfinite.check(step)
+    state, drift = trainable.full_state(), trainable.core_drift()
+    cost = account.phase(step)
+    if trainable.env.main:
+        state |= {"compute": cost, "nonfinite_steps": skipped_steps}
+        compute = {"phase": cost, "total": account.total(cost)}
+        save_checkpoint(run, trainable.cfg, step, state, schedule, drift, compute)
+    barrier(trainable.env)
+
+
+def _snapshot(trainable: Trainable, run: Path, step: int) -> None:
+    """RUN/ema/ema-XXXXXXXX.safetensors: the post-hoc EMA profiles' parameters after `step`
+    (collective: every rank calls it; rank 0 writes)."""
+    states = trainable.profile_states()
+    if trainable.env.main:
+        names = [name for name, _ in trainable.model.named_parameters()]
+        tensors = {f"{s}/{n}": state[n] for s, state in states.items() for n in names}
+        save_snapshot(run / SNAPSHOT_DIR, step, trainable.power.sigma_rels, tensors)
+    barrier(trainable.env)
+
+
+def _finite_mean(losses: list[Tensor], env: Env) -> float:
+    """The mean of the finite losses of the steps since the last log line, over all ranks (NaN
+    where none was finite): a skipped step does not hide the others."""
+    stacked = torch.stack(losses)
+    finite = torch.isfinite(stacked)
+    mean = torch.where(finite, stacked, 0.0).sum() / finite.sum()  # 0/0 = NaN
+    return all_mean(mean, env)
+
+
+def _cost_before(cfg: Config) -> dict | None:
+    """The summed cost of the phases before this one: none for phase 1; a grown run's core's
+    (its meta's compute.total); None where unknown (scratch mode, or an older export)."""
+    if cfg.phase == "core":
+        return dict.fromkeys(ACCOUNT_KEYS, 0.0)
+    if cfg.grow.mode == "scratch":
+        return None
+    return (read_meta(cfg.grow.core).get("compute") or {}).get("total")
+
+
+def _check_core_finished(cfg: Config) -> None:
+    """Refuse to grow from a phase-1 run that stopped before its last step (preempted, killed),
+    where its config says how far it was to go."""
+    if cfg.phase == "core" or cfg.grow.mode == "scratch":
+        return
+    trained = read_meta(cfg.grow.core).get("step")
+    config = Path(cfg.grow.core) / "config.yaml"
+    planned = run_config(cfg.grow.core).run.steps if config.is_file() else None
+    if trained is not None and planned is not None and trained < planned:
+        raise ConfigError(
+            f"grow.core {cfg.grow.core} is trained to step {trained} of its {planned}: rerun its "
+            "train-core command to finish it (it resumes), then grow"
+        )
 
 
 def _due(step: int, every: int, last: int) -> bool:
@@ -325,8 +417,3 @@ def lr_at(cfg: Config, step: int, start: int = 0) -> float:
     # cosine: f + (1 − f) · ½ (1 + cos(π p)), p the fraction of post-warm-up steps done
     f = optim.final_lr_fraction
     return optim.lr * warm * (f + (1 - f) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def _ema_decay(cfg: Config, step: int) -> float:
-    decay = cfg.optim.ema_decay
-    return min(decay, (1 + step) / (10 + step)) if cfg.optim.ema_warmup else decay

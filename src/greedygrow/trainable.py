@@ -29,6 +29,7 @@ from greedygrow.grow import (
     unfreeze_core,
 )
 from greedygrow.model import UViT
+from greedygrow.posthoc_ema import PowerEMA
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 # rank 0 holds a full state dict, the others an empty one; each rank keeps its own shards
@@ -51,6 +52,8 @@ class Trainable:
         # grow.freeze_inherited: the grown run's shell, whose levels this one keeps frozen
         frozen = cfg.grow.freeze_inherited
         self.inherited_from = source_shell_config(cfg.grow.core) if frozen else None
+        self.power = PowerEMA(cfg.optim.posthoc_ema)  # the post-hoc profiles' rule
+        self.tracked = PowerEMA([cfg.optim.ema_sigma_rel] if cfg.optim.ema_sigma_rel else [])
         self.model = self._build(step)
         self.phase1 = self._phase1_core(step)  # this rank's shards of θ₁, or None
         # ‖θ₁‖² over this rank's shards, once
@@ -70,6 +73,9 @@ class Trainable:
                 self.model, self.optimizer, state["optimizer"], options=options
             )
             set_model_state_dict(self.ema, state["ema"], options=options)
+            for sigma_rel, twin in zip(self.power.sigma_rels, self.profiles, strict=True):
+                saved = state.get("posthoc_ema", {}).get(f"{sigma_rel:g}", {})
+                set_model_state_dict(twin, saved, options=options)
         self._wrap()
 
     def _build(self, step: int) -> UViT:
@@ -85,23 +91,29 @@ class Trainable:
                 model = grow(source, self.core_cfg, self.shell_cfg, cfg.grow.mode)
             else:
                 model = UViT(self.core_cfg, self.shell_cfg)
+        twins = 1 + len(cfg.optim.posthoc_ema)  # the EMA, and a twin per post-hoc profile
         if not self.fsdp:
             self._prepare(model).to(env.device)
-            self.ema = UViT(self.core_cfg, self.shell_cfg).to(env.device)
-            self.ema.load_state_dict(model.state_dict())
-            self.ema.requires_grad_(False).eval()
+            self.ema, *self.profiles = [self._twin().to(env.device) for _ in range(twins)]
+            for twin in (self.ema, *self.profiles):
+                twin.load_state_dict(model.state_dict())
             return model
         initial = model.state_dict() if real else {}  # what rank 0 broadcasts
         with torch.device("meta"):
             model = UViT(self.core_cfg, self.shell_cfg)
-            self.ema = UViT(self.core_cfg, self.shell_cfg).requires_grad_(False).eval()
+            self.ema, *self.profiles = [self._twin() for _ in range(twins)]
         shard(self._prepare(model), bf16=cfg.run.precision == "bf16")
-        shard(self.ema, bf16=False)
-        for target in (model, self.ema):
+        for twin in (self.ema, *self.profiles):
+            shard(twin, bf16=False)
+        for target in (model, self.ema, *self.profiles):
             target.to_empty(device=env.device)
             if step == 0:  # (the loader rewrites the dict it gets)
                 set_model_state_dict(target, dict(initial), options=FROM_RANK0)
         return model
+
+    def _twin(self) -> UViT:
+        """An untrained copy of the model's architecture that holds an average of its weights."""
+        return UViT(self.core_cfg, self.shell_cfg).requires_grad_(False).eval()
 
     def _phase1_core(self, step: int) -> list[Tensor] | None:
         """This rank's shards of the phase-1 core's parameters θ₁, for `core_drift` (unfreeze and
@@ -175,27 +187,50 @@ class Trainable:
         barrier(self.env)
         self._wrap()
 
-    def optimizer_step(self, loss: Tensor) -> Tensor:
-        """Backward, clip to optim.grad_clip (0: no clipping), AdamW step; the gradient norm,
-        left on the device (no host sync)."""
+    def optimizer_step(self, loss: Tensor) -> tuple[Tensor, Tensor]:
+        """Backward, clip to optim.grad_clip (0: no clipping), AdamW step; (the gradient norm,
+        1.0 if the update was skipped for a non-finite norm else 0.0), both left on the device
+        (no host sync). The fused AdamW skips on the device, as under a GradScaler."""
         loss.backward()
         params = [p for p in self.model.parameters() if p.requires_grad]
         clip = self.cfg.optim.grad_clip or float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        skipped = (~torch.isfinite(norm)).float()
+        self.optimizer.found_inf = skipped  # read by the fused kernel: no update where 1.0
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        return norm, skipped
 
     @torch.no_grad()
-    def update_ema(self, decay: float) -> None:
-        """ema ← ema + (1 − decay)(θ − ema) for trained θ; a frozen core's EMA already equals it."""
-        pairs = [
-            (_local(e), _local(p))
-            for e, p in zip(self.ema.parameters(), self.model.parameters(), strict=True)
-            if p.requires_grad
-        ]
-        ema, current = zip(*pairs, strict=True)
-        torch._foreach_lerp_(list(ema), list(current), 1.0 - decay)
+    def update_ema(self, step: int, skipped: Tensor) -> None:
+        """After optimizer update `step` (1-based), for trained θ: the EMA, ema ← ema +
+        (1 − decay)(θ − ema), or a power function of optim.ema_sigma_rel, and the post-hoc
+        profiles; a skipped update (`skipped` 1.0) leaves them as they were, and a frozen core's
+        already equal it."""
+        trained = [p.requires_grad for p in self.model.parameters()]
+        current = [_local(p) for p, t in zip(self.model.parameters(), trained, strict=True) if t]
+        keep = 1.0 - skipped
+        ema = self._trained(self.ema, trained)
+        if self.tracked.sigma_rels:
+            self.tracked.update(step, [ema], current, keep)
+        else:
+            weight = keep * (1.0 - self.ema_decay(step - 1))
+            torch._foreach_lerp_(ema, current, [weight] * len(ema))
+        if self.profiles:
+            self.power.update(
+                step, [self._trained(t, trained) for t in self.profiles], current, keep
+            )
+
+    @staticmethod
+    def _trained(twin: UViT, trained: list[bool]) -> list[Tensor]:
+        return [_local(e) for e, t in zip(twin.parameters(), trained, strict=True) if t]
+
+    def ema_decay(self, step: int) -> float:
+        """The EMA's decay at optimizer step `step` (0-based), with optim.ema_warmup:
+        min(decay, (1 + n) / (10 + n))."""
+        decay = self.cfg.optim.ema_decay
+        return min(decay, (1 + step) / (10 + step)) if self.cfg.optim.ema_warmup else decay
 
     def full_state(self) -> dict:
         """Full (unsharded) CPU state dicts of model, EMA and optimizer; collective."""
@@ -204,6 +239,14 @@ class Trainable:
             "model": model,
             "optimizer": optim,
             "ema": get_model_state_dict(self.ema, options=FULL),
+            "posthoc_ema": self.profile_states(),
+        }
+
+    def profile_states(self) -> dict[str, dict[str, Tensor]]:
+        """Full CPU state dicts of the post-hoc EMA profiles by f"{sigma_rel:g}"; collective."""
+        return {
+            f"{s:g}": get_model_state_dict(twin, options=FULL)
+            for s, twin in zip(self.power.sigma_rels, self.profiles, strict=True)
         }
 
 
