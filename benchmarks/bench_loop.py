@@ -200,8 +200,73 @@ def pieces(cfg: Config, repeats: int) -> dict[str, tuple[float, float]]:
         pixels = cache[0]["image"].expand(b, 3, r, r).contiguous()
         out["data: uint8 → float (to_float)"] = timed(lambda: to_float(pixels), repeats)
     trainable = Trainable(cfg, env, 0, None)
-    out["EMA update"] = timed(lambda: trainable.update_ema(0.999), repeats)
+    out.update(guards(trainable, repeats))
+    out["preemption flag, agreed by 2 gloo processes"] = agreed_flag(repeats * 50)
     return out
+
+
+def guards(trainable: Trainable, repeats: int) -> dict[str, tuple[float, float]]:
+    """The optimizer step and EMA update without and with the non-finite guard (the found_inf
+    given to the fused AdamW, the device-side counters, the EMA weight kept on the device), and
+    the single-process preemption check, on the gradients of one backward."""
+    from greedygrow.stopping import NonFiniteSteps, Preemption
+
+    cfg, env = trainable.cfg, trainable.env
+    bare_step(trainable, lambda t, loss: loss.backward())()  # gradients to step with
+    params = [p for p in trainable.model.parameters() if p.requires_grad]
+    ema = [
+        e
+        for e, p in zip(trainable.ema.parameters(), trainable.model.parameters(), strict=True)
+        if p.requires_grad
+    ]
+    opt, counts = trainable.optimizer, NonFiniteSteps(env.device, "skip", 20)
+
+    def unguarded() -> None:
+        torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+        opt.found_inf = None
+        opt.step()
+        torch._foreach_lerp_(ema, params, 1 - 0.999)
+
+    def guarded() -> None:
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+        skipped = (~torch.isfinite(norm)).float()
+        opt.found_inf = skipped
+        opt.step()
+        counts.record(skipped)
+        trainable.update_ema(100, skipped)
+
+    out = {}
+    for _ in range(3):  # interleaved: a shared machine's drift hits both alike
+        out["AdamW + EMA, unguarded"] = timed(unguarded, repeats)
+        out["AdamW + EMA, non-finite guard"] = timed(guarded, repeats)
+    with Preemption(env) as preemption:
+        out["preemption check, 1 process"] = timed(preemption.requested, repeats * 50)
+    return out
+
+
+def _flag_worker(rank: int, store: str, repeats: int, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    from greedygrow.distributed import Env
+    from greedygrow.stopping import Preemption
+
+    with Preemption(Env(rank, 2, torch.device("cpu"))) as preemption:
+        wall, cpu = timed(preemption.requested, repeats)
+    if rank == 0:
+        Path(out).write_text(f"{wall} {cpu}")
+    dist.destroy_process_group()
+
+
+def agreed_flag(repeats: int) -> tuple[float, float]:
+    """(wall, CPU) seconds of the preemption check's all-reduce between 2 gloo processes."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = f"{tmp}/out"
+        mp.spawn(_flag_worker, args=(f"{tmp}/store", repeats, out), nprocs=2)
+        wall, cpu = map(float, Path(out).read_text().split())
+    return wall, cpu
 
 
 def main() -> None:

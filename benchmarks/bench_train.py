@@ -49,7 +49,7 @@ def worker(args: argparse.Namespace) -> None:
     from greedygrow.distributed import init_distributed
     from greedygrow.text import load_text_encoder
     from greedygrow.text_cache import CachedTextEncoder
-    from greedygrow.train import _data, _ema_decay, _loss, _set_lr
+    from greedygrow.train import _data, _loss, _set_lr
     from greedygrow.trainable import Trainable
 
     over = [
@@ -80,8 +80,8 @@ def worker(args: argparse.Namespace) -> None:
                 dist.barrier()
             tic = time.perf_counter()
         _set_lr(trainable.optimizer, cfg, step)
-        trainable.optimizer_step(_loss(trainable, next(batches), text, schedule, step))
-        trainable.update_ema(_ema_decay(cfg, step))
+        _, skipped = trainable.optimizer_step(_loss(trainable, next(batches), text, schedule, step))
+        trainable.update_ema(step + 1, skipped)
     elapsed = time.perf_counter() - tic
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if env.device.type == "cuda":

@@ -288,3 +288,20 @@ def test_steps_default_to_25_for_dpmpp2m_and_50_for_first_order_samplers(tmp_pat
             main([*args, "--count", "1", "--seeds", "0", "--no-distribution"])
         steps[sampler] = json.loads((out / "metrics.json").read_text())["runs"][0]["settings"]
     assert {k: v["steps"] for k, v in steps.items()} == {"dpmpp2m": 25, "ddim": 50}
+
+
+def test_report_shows_alignment_against_each_models_training_flops(tmp_path):
+    cost = {"images": 640, "train_flops": 3.2e12, "wall_s": 7200.0, "cpu_s": 14000.0}
+    small = make_run(tmp_path / "small", seed=0, compute={"phase": cost, "total": cost})
+    big_cost = {k: 10 * v for k, v in cost.items()}
+    big = make_run(tmp_path / "big", seed=1, compute={"phase": cost, "total": big_cost})
+    unknown = make_run(tmp_path / "unknown", seed=2)  # exported before compute was recorded
+    settings = Settings(sampler="ddim", steps=2, seeds=(0,), batch_size=4)
+    paths = evaluate(small, tmp_path / "out", [big, unknown], None, 4, settings=settings)
+    runs = {r["name"]: r for r in json.loads(paths["metrics"].read_text())["runs"]}
+    assert runs["big"]["train_cost"]["train_flops"] == 3.2e13  # the total over its phases
+    assert runs["small"]["train_cost"] == cost and runs["unknown"]["train_cost"] is None
+    page = parse_report(paths["report"])
+    text = " ".join(page.text)
+    assert "Alignment against training compute" in text and "3.2e+13" in text
+    assert "training wall hours, all phases" in text and "20.00" in text

@@ -59,6 +59,19 @@ def test_the_ema_command_synthesises_an_ema_that_matches_the_tracked_one(run, ca
     assert (run / "ema-0.08" / "config.yaml").is_file()
 
 
+def test_an_ema_synthesised_at_an_earlier_step_is_a_model_to_grow_from(run, tmp_path, cache):
+    from greedygrow.config import grow_config
+    from test_train import GROW
+
+    with pytest.raises(SystemExit):
+        main(
+            ["ema", "--run", str(run), "--sigma-rel", "0.1", "--step", "40", "--out", str(tmp_path)]
+        )
+    assert json.loads((tmp_path / "ema-0.1" / "model.json").read_text())["step"] == 40
+    grown = grow_config(str(tmp_path / "ema-0.1"), 16, "greedy", None, None, [*GROW, cache])
+    train(grown, tmp_path / "grown")  # not refused as unfinished: an export holds no states
+
+
 def test_posthoc_profiles_resume_bit_for_bit(run, tmp_path, cache):
     resumed = tmp_path / "resumed"
     train(train_core_config(None, [*TINY, *POSTHOC, "run.steps=40", cache]), resumed)

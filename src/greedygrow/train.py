@@ -21,7 +21,7 @@ from torch.utils.data import IterableDataset
 
 from greedygrow.accounting import KEYS as ACCOUNT_KEYS
 from greedygrow.accounting import Account
-from greedygrow.checkpoint import load_latest_state, read_meta
+from greedygrow.checkpoint import list_states, load_latest_state, read_meta
 from greedygrow.config import Config, ConfigError, resolve, run_config, save_config, validate
 from greedygrow.data import ScenesDataset, make_dataset, make_mixture
 from greedygrow.data.order import StepSampler, TextRows, step_batches
@@ -223,14 +223,12 @@ def _cost_before(cfg: Config) -> dict | None:
 
 
 def _check_core_finished(cfg: Config) -> None:
-    """Refuse to grow from a phase-1 run that stopped before its last step (preempted, killed),
-    where its config says how far it was to go."""
-    if cfg.phase == "core" or cfg.grow.mode == "scratch":
+    """Refuse to grow from a phase-1 run folder that stopped before its run.steps (preempted,
+    killed); exported models (shipped, `greedygrow ema`) hold no states: taken as they are."""
+    if cfg.phase == "core" or cfg.grow.mode == "scratch" or not list_states(cfg.grow.core):
         return
-    trained = read_meta(cfg.grow.core).get("step")
-    config = Path(cfg.grow.core) / "config.yaml"
-    planned = run_config(cfg.grow.core).run.steps if config.is_file() else None
-    if trained is not None and planned is not None and trained < planned:
+    trained, planned = read_meta(cfg.grow.core).get("step"), run_config(cfg.grow.core).run.steps
+    if trained is not None and trained < planned:
         raise ConfigError(
             f"grow.core {cfg.grow.core} is trained to step {trained} of its {planned}: rerun its "
             "train-core command to finish it (it resumes), then grow"

@@ -86,6 +86,28 @@ def _alignment_plot(scored: Sequence[RunEvaluation]) -> str:
     return _png_src(axes[0].figure)
 
 
+def train_cost(meta: dict[str, Any]) -> dict[str, float] | None:
+    """What training the model cost, summed over its phases (the export's compute.total, else
+    its phase's where the phases before are unknown), or None for exports without it."""
+    compute = meta.get("compute") or {}
+    return compute.get("total") or compute.get("phase")
+
+
+def _flops_plot(costed: Sequence[RunEvaluation]) -> str:
+    """DSG score and all-correct against training FLOPs, one point per run."""
+    ax = _figure(figsize=(7, 3.5)).subplots()
+    for key, marker in (("dsg_score", "o"), ("all_correct", "s")):
+        x = [train_cost(e.meta)["train_flops"] for e in costed]
+        ax.scatter(x, [e.alignment_summary[key] for e in costed], marker=marker, label=key)
+    for e in costed:
+        flops = train_cost(e.meta)["train_flops"]
+        ax.annotate(e.name, (flops, e.alignment_summary["dsg_score"]), fontsize=8)
+    ax.set(xscale="log", ylim=(0, 1), xlabel="training FLOPs (all phases)", ylabel="score")
+    ax.set_title("Alignment against training compute")
+    ax.legend(fontsize=8)
+    return _png_src(ax.figure)
+
+
 def _confusion_plot(scored: Sequence[RunEvaluation]) -> str:
     """The count confusion matrix of each run, side by side."""
     fig = _figure(figsize=(4.2 * len(scored), 3.6))
@@ -106,9 +128,11 @@ def _confusion_plot(scored: Sequence[RunEvaluation]) -> str:
 def _plots(evals: Sequence[RunEvaluation]) -> list[str]:
     """The report's plot sections: alignment and confusion of scored runs, loss of logged ones."""
     scored, logged = [e for e in evals if e.alignment_summary], [e for e in evals if e.loss]
+    costed = [e for e in scored if train_cost(e.meta)]
     out = []
     for title, plot, runs in (
         ("Alignment", _alignment_plot, scored),
+        ("Alignment against training compute", _flops_plot, costed),
         ("Count confusion matrix", _confusion_plot, scored),
         ("Training loss", _loss_plot, logged),
     ):
@@ -137,7 +161,16 @@ _RUN_ROWS = [
     ("guidance", lambda e: e.settings["guidance"]),
     ("images", lambda e: e.settings["images"]),
     ("last training loss", lambda e: _fmt(e.loss[-1][1]) if e.loss else "—"),
+    ("training FLOPs, all phases", lambda e: _cost(e, "train_flops", "{:.3g}")),
+    ("training images, all phases", lambda e: _cost(e, "images", "{:,.0f}")),
+    ("training wall hours, all phases", lambda e: _cost(e, "wall_s", "{:.2f}", 1 / 3600)),
 ]
+
+
+def _cost(e: RunEvaluation, key: str, form: str, scale: float = 1.0) -> str:
+    cost = train_cost(e.meta)
+    return form.format(cost[key] * scale) if cost else "—"
+
 
 _METRIC_ROWS = [
     ("DSG score (mean prompt score)", lambda e: _al(e, "dsg_score")),
@@ -284,6 +317,7 @@ def metrics_dict(evals: Sequence[RunEvaluation], prompts: PromptSet) -> dict[str
             "distribution": e.distribution,
             "distribution_missing": e.distribution_notes,
             "final_loss": e.loss[-1][1] if e.loss else None,
+            "train_cost": train_cost(e.meta),
             "samples": [_sample_record(e, i) for i in range(len(e.prompt_of))],
         }
         for e in evals
