@@ -3,8 +3,8 @@
 Scores the EMA of every training state a run kept (run.keep) with the built-in scene prompts,
 as `greedygrow evaluate` does, and reads images and wall time from the run's metrics.jsonl.
 Give the runs in phase order (a grown run continues its core's axes). Writes the points as
-JSON (scores kept there are not recomputed, so a killed scoring picks up where it was) and
-the plot as PNG.
+JSON (scores kept there are not recomputed, so a killed scoring picks up where it was, and
+points of states a run has since deleted stay on the curve) and the plot as PNG.
 
     python benchmarks/learning_curves.py --runs runs/scenes-core runs/scenes-128 \
         --json docs/figures/scenes-128-curves.json --plot docs/figures/scenes-128-curves.png
@@ -116,7 +116,10 @@ def main() -> None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(json.dumps(list(done.values()), indent=1))
                 print(json.dumps(done[key]), flush=True)
-            points.append(done[key])
+        # every point of the run kept in the JSON: states since deleted (run.keep) included
+        points += sorted(
+            (p for p in done.values() if p["run"] == run.name), key=lambda p: p["step"]
+        )
         last = max(wall)
         images0, seconds0 = images0 + last * cfg.run.batch_size, seconds0 + wall[last]
     plot(points, Path(args.plot))

@@ -61,7 +61,8 @@ def train(cfg: Config, out: str | Path) -> Path:
     env = init_distributed(cfg.run.device)
     deterministic = torch.are_deterministic_algorithms_enabled()
     try:
-        _train(cfg, Path(out), env)
+        with Preemption(env) as preemption:  # from here on, a signal only sets its flag
+            _train(cfg, Path(out), env, preemption)
         return Path(out)
     finally:
         torch.use_deterministic_algorithms(deterministic)
@@ -86,7 +87,7 @@ def _setup(cfg: Config, run: Path, env: Env) -> None:
         torch.backends.cudnn.benchmark = True  # one batch shape per run: autotune convs once
 
 
-def _train(cfg: Config, run: Path, env: Env) -> None:
+def _train(cfg: Config, run: Path, env: Env, preemption: Preemption) -> None:
     _setup(cfg, run, env)
     schedule = schedule_for(cfg.model.resolution, cfg.diffusion.schedule)
     fsdp = uses_fsdp(cfg.run.parallel, env)
@@ -120,53 +121,52 @@ def _train(cfg: Config, run: Path, env: Env) -> None:
     logger = RunLogger(cfg, run, step) if env.main else None
     losses, busy = [], 0.0
     try:
-        with Preemption(env) as preemption:
-            while step < cfg.run.steps:
-                trainable.begin_step(step)
-                tic = time.perf_counter()
-                lr = _set_lr(trainable.optimizer, cfg, step)
-                loss = _loss(trainable, next(batches), text_source, schedule, step)
-                grad_norm, skipped = trainable.optimizer_step(loss)
-                nonfinite.record(skipped)
-                step += 1
-                trainable.update_ema(step, skipped)
-                losses.append(loss.detach())
-                if due := _due(step, cfg.run.log_every, cfg.run.steps):  # syncs: before the clock
-                    mean_loss, norm = _finite_mean(losses, env), float(grad_norm)
-                    drift = trainable.core_drift()  # collective under FSDP2
-                    skipped_steps = nonfinite.check(step)  # stops as run.nonfinite says
-                busy += time.perf_counter() - tic
-                if due:
-                    cost = account.phase(step)  # collective
-                    values = {
-                        "loss": mean_loss,
-                        "lr": lr,
-                        "grad_norm": norm,
-                        "images_per_s": len(losses) * cfg.run.batch_size / busy,
-                        "core_frozen": trainable.core_frozen,
-                        "skipped_steps": skipped_steps,
-                        **cost,
-                    }
-                    if cfg.phase == "grow":  # and the phases before it, where known
-                        values |= {f"total_{k}": v for k, v in (account.total(cost) or {}).items()}
-                    if drift is not None:
-                        values["core_drift"] = drift
-                    if logger is not None:
-                        logger.log(step, values)
-                    losses, busy = [], 0.0
-                stop = preemption.requested()  # a CPU collective under torchrun
-                if stop or _due(step, cfg.run.checkpoint_every, cfg.run.steps):
-                    _checkpoint(trainable, account, nonfinite, run, step, schedule)
-                snapshot_every = cfg.run.ema_snapshot_every or cfg.run.checkpoint_every
-                if trainable.profiles and _due(step, snapshot_every, cfg.run.steps):
-                    _snapshot(trainable, run, step)
-                if stop:
-                    raise Preempted(
-                        f"{stop} received: training state saved at step {step} in {run}; "
-                        "run the same command again to resume"
-                    )
-                if cfg.run.sample_every and _due(step, cfg.run.sample_every, cfg.run.steps):
-                    _sample(trainable, encoder, schedule, step, logger)
+        while step < cfg.run.steps:
+            trainable.begin_step(step)
+            tic = time.perf_counter()
+            lr = _set_lr(trainable.optimizer, cfg, step)
+            loss = _loss(trainable, next(batches), text_source, schedule, step)
+            grad_norm, skipped = trainable.optimizer_step(loss)
+            nonfinite.record(skipped)
+            step += 1
+            trainable.update_ema(step, skipped)
+            losses.append(loss.detach())
+            if due := _due(step, cfg.run.log_every, cfg.run.steps):  # syncs: before the clock
+                mean_loss, norm = _finite_mean(losses, env), float(grad_norm)
+                drift = trainable.core_drift()  # collective under FSDP2
+                skipped_steps = nonfinite.check(step)  # stops as run.nonfinite says
+            busy += time.perf_counter() - tic
+            if due:
+                cost = account.phase(step)  # collective
+                values = {
+                    "loss": mean_loss,
+                    "lr": lr,
+                    "grad_norm": norm,
+                    "images_per_s": len(losses) * cfg.run.batch_size / busy,
+                    "core_frozen": trainable.core_frozen,
+                    "skipped_steps": skipped_steps,
+                    **cost,
+                }
+                if cfg.phase == "grow":  # and the phases before it, where known
+                    values |= {f"total_{k}": v for k, v in (account.total(cost) or {}).items()}
+                if drift is not None:
+                    values["core_drift"] = drift
+                if logger is not None:
+                    logger.log(step, values)
+                losses, busy = [], 0.0
+            stop = preemption.requested()  # a CPU collective under torchrun
+            if stop or _due(step, cfg.run.checkpoint_every, cfg.run.steps):
+                _checkpoint(trainable, account, nonfinite, run, step, schedule)
+            snapshot_every = cfg.run.ema_snapshot_every or cfg.run.checkpoint_every
+            if trainable.profiles and _due(step, snapshot_every, cfg.run.steps):
+                _snapshot(trainable, run, step)
+            if stop:
+                raise Preempted(
+                    f"{stop} received: training state saved at step {step} in {run}; "
+                    "run the same command again to resume"
+                )
+            if cfg.run.sample_every and _due(step, cfg.run.sample_every, cfg.run.steps):
+                _sample(trainable, encoder, schedule, step, logger)
     finally:
         if logger is not None:
             logger.close()
