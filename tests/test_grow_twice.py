@@ -3,7 +3,6 @@ the resolutions both shells share are kept, bit for bit, optionally frozen."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
@@ -25,6 +24,7 @@ from greedygrow.config import (
 from greedygrow.grow import grow, inherited_shell_keys
 from greedygrow.model import CoreConfig, ShellConfig, UViT
 from greedygrow.train import train
+from test_train import _history
 
 CORE = CoreConfig(width=32, depth=1, heads=2, grid=4, text_dim=16, text_len=8, fourier_dim=16)
 WIDTH = {8: 16, 16: 8, 32: 8, 64: 8}  # channels of the level of each side, as a shell family
@@ -196,14 +196,6 @@ def runs(tmp_path_factory, cache) -> dict[str, Path]:
 
 def _state_model(run: Path, step: int) -> dict[str, torch.Tensor]:
     return torch.load(state_path(run, step), weights_only=True)["model"]
-
-
-def _history(run: Path) -> list[dict]:
-    """RUN/metrics.jsonl without the timings, which differ from one attempt to the next."""
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [
-        {k: v for k, v in json.loads(x).items() if k not in ("time", "images_per_s")} for x in lines
-    ]
 
 
 def test_growing_a_grown_run_from_the_command_line_keeps_its_core(runs):
