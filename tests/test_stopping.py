@@ -17,7 +17,7 @@ from greedygrow.checkpoint import list_states, load_latest_state, nonfinite_tens
 from greedygrow.config import train_core_config
 from greedygrow.stopping import RunStopped
 from greedygrow.train import train
-from test_train import TINY, _cli, _losses, _resumable
+from test_train import TINY, _cli, _losses, uninterrupted
 
 
 @pytest.fixture(scope="module")
@@ -116,13 +116,7 @@ def test_sigterm_saves_at_the_next_step_exits_0_and_the_rerun_has_the_uninterrup
 ):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     steps = 60
-    reference = tmp_path / "reference"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the subprocesses (OMP_NUM_THREADS=1)
-    try:
-        train(train_core_config(None, _resumable(steps, cache)), reference)
-    finally:
-        torch.set_num_threads(threads)
+    reference = uninterrupted(tmp_path / "reference", steps, cache)
     run = tmp_path / "preempted"
     proc = subprocess.Popen(
         _cli(run, steps, cache),

@@ -474,16 +474,20 @@ def _cli(run: Path, steps: int, cache: str) -> list[str]:
     ]
 
 
-def test_kill_9_then_rerun_resumes_with_the_uninterrupted_losses(tmp_path, cache):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    steps = 40
-    reference = tmp_path / "reference"
+def uninterrupted(run: Path, steps: int, cache: str) -> Path:
+    """The run `_cli` starts, trained in this process as its subprocesses are (one thread)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the subprocesses (OMP_NUM_THREADS=1)
     try:
-        train(train_core_config(None, _resumable(steps, cache)), reference)
+        return train(train_core_config(None, _resumable(steps, cache)), run)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_kill_9_then_rerun_resumes_with_the_uninterrupted_losses(tmp_path, cache):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    steps = 40
+    reference = uninterrupted(tmp_path / "reference", steps, cache)
     run = tmp_path / "killed"
     proc = subprocess.Popen(
         _cli(run, steps, cache), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
