@@ -24,16 +24,6 @@ def train_flops_per_image(cfg: Config, core_frozen: bool) -> int:
     return 3 * flops["shell"] + (2 if core_frozen else 3) * flops["core"]
 
 
-def phase_flops(cfg: Config, steps: int) -> float:
-    """Training FLOPs of the first `steps` steps of this run's phase."""
-    frozen = _frozen_steps(cfg, steps)
-    per_image = {f: train_flops_per_image(cfg, f) for f in (False, True)}
-    # C = B · (n_frozen · c_frozen + n_trained · c_trained)
-    return float(
-        cfg.run.batch_size * (frozen * per_image[True] + (steps - frozen) * per_image[False])
-    )
-
-
 def _frozen_steps(cfg: Config, steps: int) -> int:
     """How many of the first `steps` steps had the core frozen (GrowConfig.core_frozen_at:
     greedy always, unfreeze before freeze_steps)."""
@@ -51,6 +41,18 @@ class Account:
         saved = saved or {}
         self.wall0, self.cpu0 = float(saved.get("wall_s", 0.0)), float(saved.get("cpu_s", 0.0))
         self.tic, self.cpu_tic = time.perf_counter(), time.process_time()
+        # counted once: the layers' counts of a meta-device twin
+        self.per_image = {f: train_flops_per_image(cfg, f) for f in (False, True)}
+
+    def flops(self, steps: int) -> float:
+        """Training FLOPs of the first `steps` steps of this run's phase."""
+        frozen = _frozen_steps(self.cfg, steps)
+        # C = B · (n_frozen · c_frozen + n_trained · c_trained)
+        trained = steps - frozen
+        per_image = self.per_image
+        return float(
+            self.cfg.run.batch_size * (frozen * per_image[True] + trained * per_image[False])
+        )
 
     def phase(self, step: int) -> dict:
         """This phase's cost after `step` steps: CPU seconds summed over the ranks (a CPU
@@ -60,7 +62,7 @@ class Account:
             dist.all_reduce(cpu)
         return {
             "images": step * self.cfg.run.batch_size,
-            "train_flops": phase_flops(self.cfg, step),
+            "train_flops": self.flops(step),
             "wall_s": self.wall0 + time.perf_counter() - self.tic,
             "cpu_s": self.cpu0 + float(cpu),
         }
