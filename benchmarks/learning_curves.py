@@ -17,12 +17,12 @@ import json
 import tempfile
 from pathlib import Path
 
-import torch
 from matplotlib.figure import Figure
 
-from greedygrow.checkpoint import export_model, list_states, read_meta
+from greedygrow.checkpoint import export_model, read_meta
 from greedygrow.config import run_config
 from greedygrow.evaluate.runs import Settings, builtin_prompts, evaluate_run
+from greedygrow.state import list_states, load_state
 
 PARTS = ("dsg_score", "all_correct", "entity", "count", "attribute")
 
@@ -45,7 +45,7 @@ def wall_seconds(run: Path) -> dict[int, float]:
 
 def score_state(run: Path, step: int, path: Path, prompts, settings: Settings) -> dict:
     """The alignment summary of the EMA saved in training state `path`."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_state(path)
     with tempfile.TemporaryDirectory() as tmp:
         export_model(tmp, state["ema"], {**read_meta(run), "step": step})
         return evaluate_run(tmp, prompts, settings, name=f"{run.name}@{step}").alignment_summary

@@ -1,15 +1,14 @@
-"""Run folders: atomic writes, training states with resume fallback, safetensors export."""
+"""Atomic writes, safetensors exports and strict loading (training states: test_state.py)."""
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
@@ -18,15 +17,13 @@ from greedygrow.checkpoint import (
     CheckpointMismatch,
     NonFiniteTensors,
     export_model,
-    list_states,
     load_core,
-    load_latest_state,
     load_model,
     load_strict,
     nonfinite_tensors,
     read_meta,
-    save_state,
     unwrap_model,
+    write_safetensors,
 )
 from greedygrow.model import CoreConfig, ShellConfig, UViT
 
@@ -55,36 +52,6 @@ def tiny_inputs(model: UViT, batch: int = 2) -> tuple[torch.Tensor, ...]:
         mask,
         torch.randn(batch, e, generator=g),
     )
-
-
-def _state(step: int) -> dict:
-    model = nn.Linear(4, 3)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    model(torch.randn(2, 4)).sum().backward()
-    opt.step()
-    return {
-        "model": model.state_dict(),
-        "optimizer": opt.state_dict(),
-        "step": step,
-        "rng": {"torch": torch.get_rng_state(), "numpy_seed": 7},
-        "data": {"epoch": 1, "index": 12},
-        "config": {"lr": 1e-3, "name": "x", "betas": (0.9, 0.99), "none": None},
-    }
-
-
-def _assert_same(a, b) -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for k in a:
-            _assert_same(a[k], b[k])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b, strict=True):
-            _assert_same(x, y)
-    else:
-        assert a == b
 
 
 def _files(directory: Path) -> list[str]:
@@ -123,73 +90,6 @@ def test_atomic_write_json_rejects_non_json_with_clear_error(tmp_path):
     with pytest.raises(TypeError, match=r"cannot write .*meta\.json as JSON"):
         atomic_write_json(tmp_path / "meta.json", {"x": object()})
     assert not (tmp_path / "meta.json").exists()
-
-
-def test_save_load_state_round_trip(tmp_path):
-    state = _state(5)
-    path = save_state(tmp_path, 5, state)
-    assert path == tmp_path / "state" / "step-00000005.pt"
-    step, loaded = load_latest_state(tmp_path)
-    assert step == 5
-    _assert_same(state, loaded)
-
-
-def test_load_latest_state_none_without_states(tmp_path):
-    assert load_latest_state(tmp_path) is None
-    assert load_latest_state(tmp_path / "missing") is None
-
-
-def test_save_state_keeps_last_k(tmp_path):
-    for step in (0, 100, 200, 300, 400):
-        save_state(tmp_path, step, {"step": step}, keep=2)
-    assert [s for s, _ in list_states(tmp_path)] == [300, 400]
-    assert _files(tmp_path / "state") == ["step-00000300.pt", "step-00000400.pt"]
-    assert load_latest_state(tmp_path)[1]["step"] == 400
-
-
-def test_states_order_by_step_not_name(tmp_path):
-    save_state(tmp_path, 99_999_999, {"step": 99_999_999})
-    save_state(tmp_path, 100_000_000, {"step": 100_000_000})  # one more digit than the pad
-    assert load_latest_state(tmp_path)[0] == 100_000_000
-
-
-def test_no_temp_files_left_after_save(tmp_path):
-    save_state(tmp_path, 1, _state(1))
-    (tmp_path / "state" / ".tmp-step-00000002.pt.abc").write_bytes(b"killed mid-write")
-    save_state(tmp_path, 2, _state(2))
-    assert _files(tmp_path / "state") == ["step-00000001.pt", "step-00000002.pt"]
-
-
-def test_truncated_latest_state_falls_back_with_warning(tmp_path, caplog):
-    save_state(tmp_path, 10, _state(10))
-    latest = save_state(tmp_path, 20, _state(20))
-    data = latest.read_bytes()
-    latest.write_bytes(data[: len(data) // 2])
-    with caplog.at_level(logging.WARNING, logger="greedygrow.checkpoint"):
-        step, state = load_latest_state(tmp_path)
-    assert step == 10 and state["step"] == 10
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1
-    assert str(latest) in warnings[0] and "falling back" in warnings[0]
-
-
-def test_all_states_corrupt_gives_none(tmp_path, caplog):
-    save_state(tmp_path, 1, {"step": 1}).write_bytes(b"garbage")
-    with caplog.at_level(logging.WARNING, logger="greedygrow.checkpoint"):
-        assert load_latest_state(tmp_path) is None
-    assert "step-00000001.pt" in caplog.text
-
-
-def test_save_state_rejects_unloadable_values_at_save_time(tmp_path):
-    with pytest.raises(TypeError, match=r"state\['rng'\]\['numpy'\] is a numpy.ndarray"):
-        save_state(tmp_path, 1, {"rng": {"numpy": np.zeros(3)}})
-    assert list_states(tmp_path) == []
-
-
-@pytest.mark.parametrize("step", [-1, 1.5, True])
-def test_save_state_rejects_bad_step(tmp_path, step):
-    with pytest.raises(ValueError, match="step must be an int >= 0"):
-        save_state(tmp_path, step, {})
 
 
 def test_load_strict_lists_every_difference():
@@ -323,15 +223,29 @@ def test_load_core_returns_core_tensors_relative_to_core(tmp_path, tiny_model):
         assert torch.equal(state[k], v)
 
 
-def test_a_state_or_export_holding_nan_or_inf_is_never_written(tmp_path):
-    good = {"model": {"w": torch.ones(2)}, "step": 3}
-    save_state(tmp_path, 3, good)
-    bad = {"model": {"w": torch.ones(2), "b": torch.tensor([0.0, float("nan")])}, "step": 4}
-    with pytest.raises(NonFiniteTensors, match=r"1 tensor\(s\) hold NaN or inf \(model/b\)"):
-        save_state(tmp_path, 4, bad)
-    assert [s for s, _ in list_states(tmp_path)] == [3]  # the earlier state is kept
+def test_an_export_holding_nan_or_inf_is_never_written(tmp_path):
     assert nonfinite_tensors({"a": [torch.tensor(float("inf")), torch.arange(3)]}) == ["a/0"]
     meta = {"core": {}, "shell": {}}
     with pytest.raises(NonFiniteTensors, match=r"model.safetensors not written.*\(w\)"):
         export_model(tmp_path, {"w": torch.tensor([float("-inf")])}, meta)
     assert not (tmp_path / "model.safetensors").exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_streamed_safetensors_read_back_with_the_safetensors_library(tmp_path):
+    weight = torch.randn(3, 5)
+    state = {
+        "w": weight,
+        "tied": weight,  # the same storage under two names
+        "view": weight[:, 1],  # not contiguous
+        "half": torch.randn(4).to(torch.bfloat16),
+        "flag": torch.tensor([True, False]),
+        "count": torch.tensor(7),  # 0-dim
+        "empty": torch.zeros(0, 2),
+    }
+    path = write_safetensors(tmp_path / "x.safetensors", state, {"note": "kept"})
+    loaded = load_file(path)
+    assert loaded.keys() == state.keys()
+    for k, v in state.items():
+        assert loaded[k].dtype == v.dtype and torch.equal(loaded[k], v), k
+    with safe_open(path, framework="pt") as f:
+        assert f.metadata() == {"note": "kept"}

@@ -4,6 +4,7 @@ same step."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -16,24 +17,19 @@ from subprocess import PIPE
 import pytest
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from safetensors.torch import load_file
 
-from greedygrow.checkpoint import list_states, state_path
 from greedygrow.distributed import shard
 from greedygrow.model.layers import Linear
+from greedygrow.state import INDEX, list_states, load_state, state_path
 from test_model import inputs, randomise_zero_inits, tiny_uvit
 from test_train import GROW, TINY
 
 STEPS = 4
-# Launch failures that are not our code's: a port taken between torchrun's choice and its use,
-# and an intermittent C++ abort in a gloo worker (about 1 launch in 75 here, cause unknown).
+# Launch failures that are not our code's: a port taken between torchrun's choice and its use.
 # Such a launch is retried once, with a warning; a failure that repeats still fails the test.
-TRANSIENT = (
-    "Address already in use",
-    "EADDRINUSE",
-    "failed to listen on any local network",
-    "terminate called without an active exception",
-)
+TRANSIENT = ("Address already in use", "EADDRINUSE", "failed to listen on any local network")
 
 
 def _run(
@@ -130,6 +126,28 @@ def test_fsdp2_two_processes_equal_one_with_the_same_global_batch(single, fsdp):
     assert len(list((fsdp / "tb").iterdir())) == 1
 
 
+def test_fsdp2_states_hold_each_rank_s_own_shards_and_no_full_copy(fsdp, single):
+    path = state_path(fsdp, STEPS)
+    files = json.loads((path / INDEX).read_text())["files"]
+    assert {name.split("-")[1] for name in files} == {"00001", "00002"}  # written by both ranks
+    full = load_state(path)  # gathered in this process, for comparison
+    rows: dict[str, list[int]] = {}
+    for name in files:
+        with safe_open(path / name, framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open)
+                rows.setdefault(key, []).append((f.get_slice(key).get_shape() or [1])[0])
+    for key, sizes in rows.items():  # each tensor is written once: whole, or split in two
+        part, name = key.split("/", 1)
+        if part in ("model", "ema"):
+            total = full[part][name].shape[0] if full[part][name].ndim else 1
+            assert sum(sizes) == total, key
+            assert len(sizes) == (2 if total > 1 else 1), key
+    reference = load_state(state_path(single[0], STEPS))
+    for part in ("model", "ema"):
+        for k, v in reference[part].items():
+            torch.testing.assert_close(full[part][k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
 def test_fsdp2_sample_grids_from_the_sharded_ema_leave_training_unchanged(single, tmp_path):
     reference, text_cache = single
     run = tmp_path / "sampling"
@@ -179,7 +197,7 @@ def test_resume_on_a_different_number_of_processes(single, fsdp, tmp_path):
     reference, text_cache = single
     run = tmp_path / "resized"
     shutil.copytree(fsdp, run)  # the 2-process FSDP2 run's state at step 2 ...
-    state_path(run, STEPS).unlink()
+    shutil.rmtree(state_path(run, STEPS))
     done = _run(run, 1, text_cache)  # ... finished by one process
     assert f"resuming {run} from step 2" in done.stderr
     _assert_same_run(run, reference)
@@ -189,7 +207,7 @@ def test_fsdp2_resumes_on_two_processes_like_an_uninterrupted_run(single, fsdp, 
     reference, text_cache = single
     run = tmp_path / "resumed"
     shutil.copytree(fsdp, run)
-    state_path(run, STEPS).unlink()  # as if killed after the step-2 checkpoint
+    shutil.rmtree(state_path(run, STEPS))  # as if killed after the step-2 checkpoint
     done = _run(run, 2, text_cache, "run.parallel=fsdp")
     assert f"resuming {run} from step 2" in done.stderr
     _assert_same_run(run, reference)
@@ -222,7 +240,7 @@ def test_unfreeze_on_two_processes_equals_one_process(tmp_path, single, parallel
     assert frozen == [True, True, False, False]
 
 
-def _launch(out: Path, text_cache: Path, steps: int) -> subprocess.Popen:
+def _launch(out: Path, text_cache: Path, steps: int, *torchrun: str) -> subprocess.Popen:
     """A 2-process gloo run in the background (its own session), logging every step."""
     cmd = [
         sys.executable,
@@ -230,6 +248,7 @@ def _launch(out: Path, text_cache: Path, steps: int) -> subprocess.Popen:
         "torch.distributed.run",
         "--standalone",
         "--nproc_per_node=2",
+        *torchrun,
         "-m",
         "greedygrow",
         "train-core",
@@ -291,6 +310,20 @@ def test_sigusr1_to_one_worker_saves_on_every_rank_and_exits_0(single, long_sing
     assert stderr.count(f"SIGUSR1 received: training state saved at step {stopped}") == 2
     resumed = _run(run, 2, single[1], f"run.steps={LONG}", "run.checkpoint_every=5", "run.keep=2")
     assert f"resuming {run} from step {stopped}" in resumed.stderr
+    _assert_same_run(run, long_single)
+
+
+def test_a_worker_killed_under_max_restarts_is_restarted_and_resumes(single, long_single, tmp_path):
+    run = tmp_path / "elastic"
+    launcher = _launch(run, single[1], LONG, "--max-restarts=1")
+    _wait_for_state(run, 5, launcher)
+    os.kill(_workers(launcher)[-1], signal.SIGKILL)  # a worker lost mid-run
+    stderr = _finish(launcher)
+    assert launcher.returncode == 0, stderr[-3000:]
+    resumed = [
+        int(x) for x in re.findall(rf"resuming {re.escape(str(run))} from step (\d+)", stderr)
+    ]
+    assert len(resumed) == 1 and resumed[0] >= 5  # rank 0 of the restarted attempt says so
     _assert_same_run(run, long_single)
 
 

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 import greedygrow.train as train_module
-from greedygrow.checkpoint import list_states, load_latest_state, nonfinite_tensors, state_path
+from greedygrow.checkpoint import nonfinite_tensors
 from greedygrow.config import train_core_config
+from greedygrow.state import latest_state, list_states, load_state, state_path
 from greedygrow.stopping import RunStopped
 from greedygrow.train import train
 from test_train import TINY, _cli, _losses, uninterrupted
@@ -69,16 +70,16 @@ def test_nonfinite_steps_are_skipped_counted_and_change_nothing(tmp_path, cache,
     assert [m["skipped_steps"] for m in logged] == [0, 0, 1, 2, 2, 2]
     assert [m["loss"] == m["loss"] for m in logged] == [True, True, False, False, True, True]
     states = dict(list_states(run))
-    before, after = (torch.load(states[s], weights_only=True) for s in (2, 4))
+    before, after = (load_state(states[s]) for s in (2, 4))
     a, b = _tensors(before), _tensors(after)
     assert a.keys() == b.keys()
     for name in a:  # weights, EMA, Adam moments and step counts as if the steps never were
         assert torch.equal(a[name], b[name]), name
-    moved = _tensors(torch.load(states[5], weights_only=True))
+    moved = _tensors(load_state(states[5]))
     assert any(not torch.equal(moved[n], a[n]) for n in a if n.startswith("model/"))  # step 5 did
     for _, path in states.items():
-        assert nonfinite_tensors(torch.load(path, weights_only=True)) == []
-    assert load_latest_state(run)[1]["nonfinite_steps"] == 2
+        assert nonfinite_tensors(load_state(path)) == []
+    assert load_state(latest_state(run)[1])["nonfinite_steps"] == 2
 
 
 def test_nonfinite_stop_policy_ends_the_run_at_the_first_with_a_clear_message(
@@ -89,7 +90,8 @@ def test_nonfinite_stop_policy_ends_the_run_at_the_first_with_a_clear_message(
     cfg = [*TINY, "run.steps=8", "run.checkpoint_every=2", "run.nonfinite=stop", cache]
     with pytest.raises(RunStopped, match=r"1 step\(s\) up to step 4 had a non-finite gradient"):
         train(train_core_config(None, cfg), run)
-    step, state = load_latest_state(run)
+    step, path = latest_state(run)
+    state = load_state(path)
     assert step == 2 and nonfinite_tensors(state) == []
 
 

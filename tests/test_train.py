@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from greedygrow.checkpoint import CheckpointMismatch, list_states, load_core, state_path
+from greedygrow.checkpoint import CheckpointMismatch, load_core
 from greedygrow.cli import main
 from greedygrow.config import (
     ConfigError,
@@ -30,6 +30,7 @@ from greedygrow.data import WebDatasetStream, write_dataset
 from greedygrow.distributed import Env
 from greedygrow.model import UViT
 from greedygrow.run_folder import truncate_metrics
+from greedygrow.state import list_states, load_state, state_path
 from greedygrow.train import train
 from greedygrow.trainable import Trainable, param_groups
 
@@ -157,7 +158,7 @@ def test_greedy_leaves_core_bit_identical_after_training(core_run, tmp_path, cac
         after = _core_tensors(run / exported)
         assert after.keys() == before.keys()
         assert all(torch.equal(after[k], before[k]) for k in before), exported
-    state = torch.load(state_path(run, 3), weights_only=True)
+    state = load_state(state_path(run, 3))
     optimized = set(state["optimizer"]["state"])
     assert optimized and not any(str(k).startswith("core.") for k in optimized)
     assert all(_logged(run, "core_frozen"))
@@ -183,7 +184,7 @@ def _killed_after(run: Path, step: int, out: Path) -> Path:
     shutil.copytree(run, out)
     for s, path in list_states(out):
         if s > step:
-            path.unlink()
+            shutil.rmtree(path)
     return out
 
 
@@ -202,7 +203,7 @@ def test_unfreeze_changes_core_only_after_freeze_steps(unfreeze_run, core_run):
     _, original = load_core(core_run)
 
     def core_at(step):
-        model = torch.load(state_path(run, step), weights_only=True)["model"]
+        model = load_state(state_path(run, step))["model"]
         return {k[5:]: v for k, v in model.items() if k.startswith("core.")}
 
     for step in (1, 2):
@@ -217,7 +218,7 @@ def test_unfreeze_run_killed_at_or_after_its_unfreeze_step_resumes_with_the_same
     unfreeze_run, tmp_path, killed_at
 ):
     run = _killed_after(unfreeze_run, killed_at, tmp_path / "killed")
-    state = torch.load(state_path(run, killed_at), weights_only=True)
+    state = load_state(state_path(run, killed_at))
     in_optimizer = {str(k).split(".")[0] for k in state["optimizer"]["state"]}
     assert in_optimizer == ({"shell"} if killed_at == 2 else {"shell", "core"})
     _assert_resumes_like(run, unfreeze_run, killed_at)
@@ -347,15 +348,15 @@ def test_truncated_latest_checkpoint_falls_back_with_a_warning(tmp_path, cache, 
     over = [*TINY, "run.steps=4", "run.checkpoint_every=2", "run.keep=3", cache]
     run = train(train_core_config(None, over), tmp_path / "run")
     reference = _losses(run)
-    latest = state_path(run, 4)
-    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])
+    shard = next(state_path(run, 4).glob("*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     with caplog.at_level(logging.WARNING):
         train(train_core_config(None, over), run)
     assert any(
         "unreadable" in r.getMessage() and "step-00000004" in r.getMessage() for r in caplog.records
     )
     assert _losses(run) == reference  # steps 3-4 retrained from step 2, identically
-    torch.load(state_path(run, 4), weights_only=True)  # rewritten whole
+    assert load_state(state_path(run, 4))["step"] == 4  # rewritten whole
 
 
 def test_training_on_a_folder_skips_images_that_fail_to_decode(tmp_path, cache, caplog):

@@ -1,38 +1,34 @@
-"""Training states (RUN/state/step-XXXXXXXX.pt), safetensors exports of weights + meta
-(RUN/model.safetensors, RUN/model-raw.safetensors) and strict loading; docs/training.md, "The
-run folder". Nothing is ever unpickled: states load with ``torch.load(weights_only=True)``."""
+"""Safetensors exports of weights + meta (RUN/model.safetensors, RUN/model-raw.safetensors),
+strict loading, and the refusal of non-finite tensors; docs/training.md, "The run folder".
+Training states are state.py's."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import re
+import struct
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
 from greedygrow.atomic import (
     atomic_write,
-    atomic_write_bytes,
     atomic_write_json,
     remove_stale_temps,
 )
+from greedygrow.distributed import main_process
 from greedygrow.model import CoreConfig, ShellConfig, UViT
 
 log = logging.getLogger(__name__)
 
-STATE_DIR = "state"
 META_KEY = "greedygrow"  # safetensors header key holding the JSON meta
 FORMAT_VERSION = 1
-_STATE_RE = re.compile(r"^step-(\d+)\.pt$")
 
 
 class CheckpointMismatch(ValueError):
@@ -69,109 +65,15 @@ def nonfinite_tensors(obj: Any, where: str = "") -> list[str]:
     return [name for k, v in items for name in nonfinite_tensors(v, f"{where}/{k}".lstrip("/"))]
 
 
-def _refuse_nonfinite(obj: Any, what: Path) -> None:
-    if bad := nonfinite_tensors(obj):
+def refuse_nonfinite(bad: list[str], what: Path) -> None:
+    """Raise NonFiniteTensors naming the tensors `bad` (if any) that kept `what` from being
+    written."""
+    if bad:
         shown = ", ".join(bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
         raise NonFiniteTensors(
-            f"{what} not written: {len(bad)} tensor(s) hold NaN or inf ({shown}); the files "
-            "written before are kept. Resume from the last state with a lower optim.lr"
+            f"{what} not written: {len(bad)} tensor(s) hold NaN or inf ({shown}); what was "
+            "written before is kept. Resume from the last state with a lower optim.lr"
         )
-
-
-# ---------------------------------------------------------------------------------------------
-# training states
-
-_LEAF_TYPES = (
-    Tensor,
-    int,
-    float,
-    bool,
-    str,
-    bytes,
-    complex,
-    type(None),
-    torch.dtype,
-    torch.device,
-    torch.Size,
-)
-
-
-def _check_loadable(obj: Any, where: str) -> None:
-    """Raise TypeError at save time for values ``torch.load(weights_only=True)`` cannot read."""
-    if isinstance(obj, _LEAF_TYPES):
-        return
-    if isinstance(obj, Mapping):
-        for k, v in obj.items():
-            if not isinstance(k, (str, int, float, bool, type(None))):
-                raise TypeError(
-                    f"state key {where}[{k!r}] has type {type(k).__name__}; use str or int keys"
-                )
-            _check_loadable(v, f"{where}[{k!r}]")
-        return
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        for i, v in enumerate(obj):
-            _check_loadable(v, f"{where}[{i}]")
-        return
-    raise TypeError(
-        f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}, which "
-        "torch.load(weights_only=True) cannot read back; store tensors, numbers, strings, "
-        "lists and dicts only (e.g. torch.as_tensor(x) for numpy arrays, cfg.to_dict() for configs)"
-    )
-
-
-def state_path(run_dir: str | os.PathLike, step: int) -> Path:
-    """``RUN/state/step-XXXXXXXX.pt`` for ``step``."""
-    return Path(run_dir) / STATE_DIR / f"step-{step:08d}.pt"
-
-
-def list_states(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """All saved training states of a run as (step, path), oldest first."""
-    directory = Path(run_dir) / STATE_DIR
-    if not directory.is_dir():
-        return []
-    found = []
-    for p in directory.iterdir():
-        m = _STATE_RE.match(p.name)
-        if m and p.is_file():
-            found.append((int(m.group(1)), p))
-    return sorted(found)
-
-
-def save_state(run_dir: str | os.PathLike, step: int, state: dict, keep: int = 3) -> Path:
-    """Atomically save a training state as ``RUN/state/step-XXXXXXXX.pt``; keep the last ``keep``.
-    ``state`` must load back with ``torch.load(weights_only=True)``: tensors, numbers, strings
-    and nested dicts/lists only, which is checked before anything is written."""
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        raise ValueError(f"save_state: step must be an int >= 0, got {step!r}")
-    _check_loadable(state, "state")
-    path = state_path(run_dir, step)
-    _refuse_nonfinite(state, path)
-    atomic_write(path, lambda f: torch.save(state, f))
-    remove_stale_temps(path.parent)
-    for _, old in list_states(run_dir)[:-keep]:
-        with contextlib.suppress(FileNotFoundError):
-            old.unlink()
-    return path
-
-
-def load_latest_state(
-    run_dir: str | os.PathLike, map_location: str | torch.device | None = "cpu"
-) -> tuple[int, dict] | None:
-    """The newest readable training state as (step, state), or None if the run has none; an
-    unreadable one (truncated, corrupt) is skipped with a warning naming it and the error."""
-    for step, path in reversed(list_states(run_dir)):
-        try:
-            state = torch.load(path, map_location=map_location, weights_only=True)
-        except Exception as e:  # any unreadable file: fall back to the previous state
-            log.warning(
-                "training state %s is unreadable (%s: %s); falling back to the one before it",
-                path,
-                type(e).__name__,
-                e,
-            )
-            continue
-        return step, state
-    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,26 +91,66 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
-def _export_tensors(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Contiguous CPU copies; tensors sharing storage (tied weights) get their own copy."""
-    out: dict[str, Tensor] = {}
-    seen: set[int] = set()
+# safetensors' dtype names (its format: an 8-byte little-endian header length, a JSON header
+# of names, dtypes, shapes and byte offsets, then the tensors' bytes; huggingface/safetensors)
+_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def _full(t: Tensor) -> Tensor:
+    """`t` whole on the CPU: a DTensor (FSDP2 shards) is all-gathered, a collective."""
+    t = t.full_tensor() if hasattr(t, "full_tensor") else t
+    return t.detach().to("cpu").contiguous()
+
+
+def _write_streamed(
+    f: IO[bytes], state: Mapping[str, Tensor], metadata: dict[str, str], what: Path
+) -> None:
+    """Write `state` as safetensors one tensor at a time (gathered in turn where sharded), so
+    no more than one full tensor is held; NaN/inf refuses the whole file (raised after the last
+    tensor, so every rank takes part in every gather)."""
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
     for name, t in state.items():
-        if type(t) is not Tensor and not isinstance(t, nn.Parameter):
-            raise TypeError(
-                f"export: {name} is a {type(t).__name__}, not a plain tensor (sharded?); gather "
-                "a full CPU state dict first, e.g. torch.distributed.checkpoint.state_dict."
-                "get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, "
-                "cpu_offload=True))"
-            )
-        t = t.detach().to("cpu").contiguous()
-        storage = t.untyped_storage()
-        if storage.data_ptr() in seen or storage.nbytes() != t.numel() * t.element_size():
-            t = t.clone()  # tied, or a view into a larger buffer: safetensors needs its own
-        if t.numel() > 0:
-            seen.add(t.untyped_storage().data_ptr())
-        out[name] = t
-    return out
+        end = offset + t.numel() * t.element_size()
+        header[name] = {
+            "dtype": _DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, end],
+        }
+        offset = end
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    f.write(struct.pack("<Q", len(text)) + text)
+    bad = []
+    for name, t in state.items():
+        full = _full(t)
+        if full.is_floating_point() and not bool(full.isfinite().all()):
+            bad.append(name)
+        f.write(full.reshape(-1).view(torch.uint8).numpy().data)
+    refuse_nonfinite(bad, what)
+
+
+def write_safetensors(path: Path, state: Mapping[str, Tensor], metadata: dict[str, str]) -> Path:
+    """Atomically write `state` as safetensors with `metadata` in its header, one tensor at a
+    time. Where its tensors are FSDP2 shards (DTensors) every rank calls it: each tensor is
+    gathered in turn and rank 0 writes it, so no rank holds more than one full tensor."""
+    if main_process():
+        atomic_write(path, lambda f: _write_streamed(f, state, metadata, path))
+    else:  # takes part in the gathers
+        with open(os.devnull, "wb") as sink:
+            _write_streamed(sink, state, metadata, path)
+    return path
 
 
 def export_model(
@@ -219,8 +161,9 @@ def export_model(
 ) -> Path:
     """Atomically write ``RUN/{name}.safetensors`` (weights, and the meta in its header, so a
     lone file is self-describing) and ``RUN/{name}.json`` (``meta``); returns the first. ``model``
-    is a (wrapped) UViT or a full state dict; ``meta`` must be JSON and hold the ``core`` and
-    ``shell`` config dicts, taken from the model when it carries them."""
+    is a (wrapped) UViT or a state dict; ``meta`` must be JSON and hold the ``core`` and
+    ``shell`` config dicts, taken from the model when it carries them. Where the tensors are
+    FSDP2 shards every rank calls it, and rank 0 writes (:func:`write_safetensors`)."""
     meta = dict(meta)
     if isinstance(model, nn.Module):
         model = unwrap_model(model)
@@ -239,13 +182,12 @@ def export_model(
             )
     meta.setdefault("format_version", FORMAT_VERSION)
     meta_text = json.dumps(meta, sort_keys=True, allow_nan=False)  # raises on non-JSON meta
-    tensors = _export_tensors(state)
     run_dir = Path(run_dir)
-    weights = run_dir / f"{name}.safetensors"
-    _refuse_nonfinite(tensors, weights)
-    atomic_write_bytes(
-        weights, safetensors_bytes(tensors, metadata={"format": "pt", META_KEY: meta_text})
+    weights = write_safetensors(
+        run_dir / f"{name}.safetensors", state, {"format": "pt", META_KEY: meta_text}
     )
+    if not main_process():
+        return weights
     atomic_write_json(run_dir / f"{name}.json", meta)
     for suffix in (".safetensors.", ".json."):
         remove_stale_temps(run_dir, name + suffix)

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 from greedygrow.allocator import keep_freed_memory
 from greedygrow.config import GROW_MODES
+from greedygrow.data.split import rank_and_world
 from greedygrow.model import SHELL_FAMILIES
 from greedygrow.sampling import DEFAULT_STEPS, SAMPLERS
 from greedygrow.stopping import Preempted, RunStopped
@@ -452,11 +455,24 @@ def main(argv: list[str] | None = None) -> None:
         status = COMMANDS[args.command][1](args)
     except Preempted as e:  # saved: a requeued job resumes
         print(f"greedygrow {args.command}: {e}", file=sys.stderr)
-        sys.exit(0)
+        status = 0
     except RunStopped as e:
         print(f"greedygrow {args.command}: stopped: {e}", file=sys.stderr)
-        sys.exit(1)
+        status = 1
     except (ValueError, FileNotFoundError) as e:
         print(f"greedygrow {args.command}: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        status = 2
+    _exit(status)
+
+
+def _exit(status: int) -> NoReturn:
+    """Exit with `status`. A torchrun worker flushes its output and leaves with os._exit: gloo's
+    threads outlive destroy_process_group while anything (DDP does) still holds the group, and
+    one that drops a tensor during interpreter shutdown aborts the process with "terminate
+    called without an active exception" (pytorch/pytorch#190489; docs/training.md)."""
+    if rank_and_world()[1] > 1:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
     sys.exit(status)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -11,6 +13,9 @@ from torch import Tensor, nn
 
 from greedygrow.config import ConfigError
 from greedygrow.data.split import rank_and_world
+
+T = TypeVar("T")
+STORE_TIMEOUT = timedelta(minutes=30)  # torch's default for gloo and NCCL groups
 
 
 @dataclass
@@ -24,6 +29,16 @@ class Env:
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+
+def distributed() -> bool:
+    """Whether this process is in a torch.distributed group."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def main_process() -> bool:
+    """Whether this process writes what one process writes: rank 0, or the only one."""
+    return not distributed() or dist.get_rank() == 0
 
 
 def uses_fsdp(parallel: str, env: Env) -> bool:
@@ -44,7 +59,7 @@ def init_distributed(device: str = "auto") -> Env:
     """Join the torchrun process group if there is one: gloo on CPU; NCCL for CUDA tensors
     beside gloo for CPU ones (the preemption flag is agreed on the host, without a device sync)."""
     dev = resolve_device(device)
-    _, world = rank_and_world()
+    rank, world = rank_and_world()
     if world == 1:
         return Env(0, 1, dev)
     if dev.type == "cuda":
@@ -53,8 +68,32 @@ def init_distributed(device: str = "auto") -> Env:
     if not dist.is_initialized():
         cuda = dev.type == "cuda"
         backend = "cuda:nccl,cpu:gloo" if cuda else "gloo"
-        dist.init_process_group(backend, device_id=dev if cuda else None)
+        dist.init_process_group(
+            backend,
+            store=_attempt_store(rank, world),
+            rank=rank,
+            world_size=world,
+            device_id=dev if cuda else None,
+        )
     return Env(dist.get_rank(), dist.get_world_size(), dev)
+
+
+def _attempt_store(rank: int, world: int) -> dist.Store:
+    """torchrun's store (MASTER_ADDR:MASTER_PORT) under a prefix of its own for each restart
+    attempt. Its agent's store outlives a restart (torchrun --max-restarts), and torch 2.13
+    prefixes nothing, so a restarted worker would read the gloo addresses of the attempt before
+    and fail to connect ("Connection refused") or hang (docs/training.md)."""
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # else rank 0 hosts it
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world,
+        is_master=not agent and rank == 0,
+        timeout=STORE_TIMEOUT,
+    )
+    return dist.PrefixStore(
+        f"greedygrow/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}", store
+    )
 
 
 def all_mean(x: Tensor, env: Env) -> float:
@@ -66,13 +105,13 @@ def all_mean(x: Tensor, env: Env) -> float:
     return float(x)
 
 
-def broadcast_int(value: int, env: Env) -> int:
-    """Rank 0's `value` on every rank."""
+def broadcast(value: T, env: Env) -> T:
+    """Rank 0's `value` (anything picklable that rank 0 made) on every rank."""
     if env.world == 1:
         return value
     box = [value]
     dist.broadcast_object_list(box, src=0)
-    return int(box[0])
+    return box[0]
 
 
 def barrier(env: Env) -> None:

@@ -25,11 +25,10 @@ import numpy as np
 import torch
 from numpy.typing import ArrayLike
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 from torch import Tensor
 
-from greedygrow.atomic import atomic_write_bytes
-from greedygrow.checkpoint import export_model, read_meta
+from greedygrow.checkpoint import export_model, read_meta, write_safetensors
 from greedygrow.config import SIGMA_REL_MAX, run_config, save_config
 
 SNAPSHOT_DIR = "ema"  # RUN/ema/ema-XXXXXXXX.safetensors
@@ -97,13 +96,14 @@ class Snapshot:
 def save_snapshot(
     folder: Path, step: int, sigma_rels: Sequence[float], tensors: dict[str, Tensor]
 ) -> Path:
-    """Atomically write ``folder/ema-{step:08d}.safetensors`` with step and σ_rels as metadata."""
+    """Atomically write ``folder/ema-{step:08d}.safetensors`` with step and σ_rels as metadata;
+    with FSDP2 shards, every rank calls it (checkpoint.write_safetensors)."""
     prefixes = {f"{float(s):g}/" for s in sigma_rels}
     stray = [k for k in tensors if k[: k.find("/") + 1] not in prefixes]
     if stray:
         raise ValueError(f"keys {stray[:5]} lack a '<sigma_rel>/' prefix from {list(sigma_rels)}")
     meta = {"step": str(step), "sigma_rels": json.dumps([float(s) for s in sigma_rels])}
-    return atomic_write_bytes(Path(folder) / f"ema-{step:08d}.safetensors", save(tensors, meta))
+    return write_safetensors(Path(folder) / f"ema-{step:08d}.safetensors", tensors, meta)
 
 
 def load_snapshots(folder: Path) -> list[Snapshot]:

@@ -14,7 +14,6 @@ import torch
 from PIL import Image
 
 from greedygrow.atomic import atomic_write, atomic_write_text
-from greedygrow.checkpoint import export_model, save_state
 from greedygrow.config import (
     Config,
     ConfigError,
@@ -24,7 +23,6 @@ from greedygrow.config import (
     load_config,
     resolve,
     shell_config,
-    to_dict,
 )
 from greedygrow.diffusion import Schedule
 
@@ -89,20 +87,16 @@ def _check_architecture(cfg: Config, run: Path) -> None:
         )
 
 
-def save_checkpoint(
-    run: Path,
+def export_meta(
     cfg: Config,
     step: int,
-    state: dict,
     schedule: Schedule,
     core_drift: float | None = None,
     compute: dict | None = None,
-) -> None:
-    """The training state (`state`: model, optimizer, EMA) and the EMA and raw exports, whose
-    meta (RUN/model.json) is what inference needs besides the weights, the trained core's drift
-    from phase 1 at `step` where it is tracked (unfreeze, joint), and what training cost
-    (`compute`: this phase's and the total, accounting.py)."""
-    save_state(run, step, {"step": step, "config": to_dict(cfg), **state}, keep=cfg.run.keep)
+) -> dict:
+    """The meta of the exports after `step` (RUN/model.json): what inference needs besides the
+    weights, the trained core's drift from phase 1 where it is tracked (unfreeze, joint), and
+    what training cost (`compute`: this phase's and the total, accounting.py)."""
     meta = {
         "core": core_config(cfg).to_dict(),
         "shell": shell_config(cfg).to_dict(),
@@ -119,8 +113,7 @@ def save_checkpoint(
         meta["core_drift"] = core_drift
     if compute is not None:
         meta["compute"] = compute
-    export_model(run, state["ema"], meta, name="model")
-    export_model(run, state["model"], meta, name="model-raw")
+    return meta
 
 
 class RunLogger:

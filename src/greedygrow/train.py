@@ -21,8 +21,16 @@ from torch.utils.data import IterableDataset
 
 from greedygrow.accounting import KEYS as ACCOUNT_KEYS
 from greedygrow.accounting import Account
-from greedygrow.checkpoint import list_states, load_latest_state, read_meta
-from greedygrow.config import Config, ConfigError, resolve, run_config, save_config, validate
+from greedygrow.checkpoint import export_model, read_meta
+from greedygrow.config import (
+    Config,
+    ConfigError,
+    resolve,
+    run_config,
+    save_config,
+    to_dict,
+    validate,
+)
 from greedygrow.data import ScenesDataset, make_dataset, make_mixture
 from greedygrow.data.order import StepSampler, TextRows, step_batches
 from greedygrow.data.scene_cache import SceneCache
@@ -39,13 +47,13 @@ from greedygrow.distributed import (
     Env,
     all_mean,
     barrier,
-    broadcast_int,
+    broadcast,
     init_distributed,
-    uses_fsdp,
 )
 from greedygrow.posthoc_ema import SNAPSHOT_DIR, save_snapshot
-from greedygrow.run_folder import RunLogger, check_resume, save_checkpoint
+from greedygrow.run_folder import RunLogger, check_resume, export_meta
 from greedygrow.sample import sample_grid
+from greedygrow.state import latest_state, list_states, save_state
 from greedygrow.stopping import NonFiniteSteps, Preempted, Preemption
 from greedygrow.text import shared_text_encoder
 from greedygrow.text_cache import CachedTextEncoder, TextTable
@@ -90,10 +98,8 @@ def _setup(cfg: Config, run: Path, env: Env) -> None:
 def _train(cfg: Config, run: Path, env: Env, preemption: Preemption) -> None:
     _setup(cfg, run, env)
     schedule = schedule_for(cfg.model.resolution, cfg.diffusion.schedule)
-    fsdp = uses_fsdp(cfg.run.parallel, env)
-    resumed = load_latest_state(run) if env.main or not fsdp else None  # FSDP2: rank 0 reads
-    step, state = resumed if resumed is not None else (0, None)
-    step = broadcast_int(step, env) if fsdp else step
+    # rank 0 picks the state (warning about damaged ones); every rank reads its own shards
+    step, path = broadcast(latest_state(run) if env.main else None, env) or (0, None)
     if step >= cfg.run.steps:  # rerunning a finished recipe costs nothing (no data, no model)
         if env.main:
             log.info("%s is trained to step %d; raise run.steps to go on", run, step)
@@ -102,17 +108,16 @@ def _train(cfg: Config, run: Path, env: Env, preemption: Preemption) -> None:
         log.info("resuming %s from step %d", run, step)
     if step == 0:
         _check_core_finished(cfg)
-    saved = state or {}  # what only the state knows (rank 0's under FSDP2)
-    account = Account(cfg, env, saved.get("compute"), _cost_before(cfg))
-    nonfinite = NonFiniteSteps(
-        env.device, cfg.run.nonfinite, cfg.run.nonfinite_patience, saved.get("nonfinite_steps", 0)
-    )
     encoder = CachedTextEncoder(
         shared_text_encoder(cfg.data.text_encoder, cfg.data.text_max_length, str(env.device)),
         cfg.data.text_cache_dir or run / "text-cache",
     )
-    trainable = Trainable(cfg, env, step, state)  # a core that does not fit is refused here
-    del state, saved
+    trainable = Trainable(cfg, env, step, path)  # a core that does not fit is refused here
+    saved = trainable.resumed  # what only the state knows
+    account = Account(cfg, env, saved.get("compute"), _cost_before(cfg))
+    nonfinite = NonFiniteSteps(
+        env.device, cfg.run.nonfinite, cfg.run.nonfinite_patience, saved.get("nonfinite_steps", 0)
+    )
     if env.main:
         save_config(cfg, run / "config.yaml")
     barrier(env)
@@ -180,26 +185,31 @@ def _checkpoint(
     step: int,
     schedule: Schedule,
 ) -> None:
-    """The training state and exports after `step`, with what they cost (collectives: every
-    rank calls it; rank 0 writes)."""
+    """The training state (every rank writes its shards) and the exports after `step` (rank 0
+    writes them), with what they cost; collectives: every rank calls it."""
+    cfg, env = trainable.cfg, trainable.env
     skipped_steps = nonfinite.check(step)
-    state, drift = trainable.full_state(), trainable.core_drift()
-    cost = account.phase(step)
-    if trainable.env.main:
-        state |= {"compute": cost, "nonfinite_steps": skipped_steps}
-        compute = {"phase": cost, "total": account.total(cost)}
-        save_checkpoint(run, trainable.cfg, step, state, schedule, drift, compute)
-    barrier(trainable.env)
+    drift, cost = trainable.core_drift(), account.phase(step)
+    state = trainable.state() | {
+        "step": step,
+        "config": to_dict(cfg),
+        "compute": cost,
+        "nonfinite_steps": skipped_steps,
+    }
+    save_state(run, step, state, keep=cfg.run.keep)  # refuses NaN/inf on every rank
+    meta = export_meta(cfg, step, schedule, drift, {"phase": cost, "total": account.total(cost)})
+    for name, weights in trainable.exports().items():  # collectives under FSDP2
+        export_model(run, weights, meta, name=name)
+    barrier(env)
 
 
 def _snapshot(trainable: Trainable, run: Path, step: int) -> None:
     """RUN/ema/ema-XXXXXXXX.safetensors: the post-hoc EMA profiles' parameters after `step`
     (collective: every rank calls it; rank 0 writes)."""
     states = trainable.profile_states()
-    if trainable.env.main:
-        names = [name for name, _ in trainable.model.named_parameters()]
-        tensors = {f"{s}/{n}": state[n] for s, state in states.items() for n in names}
-        save_snapshot(run / SNAPSHOT_DIR, step, trainable.power.sigma_rels, tensors)
+    names = [name for name, _ in trainable.model.named_parameters()]
+    tensors = {f"{s}/{n}": state[n] for s, state in states.items() for n in names}
+    save_snapshot(run / SNAPSHOT_DIR, step, trainable.power.sigma_rels, tensors)
     barrier(trainable.env)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import math
 import shutil
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -15,7 +16,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
-    set_optimizer_state_dict,
+    set_state_dict,
 )
 
 from greedygrow.checkpoint import load_core
@@ -30,8 +31,10 @@ from greedygrow.grow import (
 )
 from greedygrow.model import UViT
 from greedygrow.posthoc_ema import PowerEMA
+from greedygrow.state import load_state
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+SHARDED = StateDictOptions(full_state_dict=False)  # each rank's own tensors, as they are
 # rank 0 holds a full state dict, the others an empty one; each rank keeps its own shards
 FROM_RANK0 = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
 DRIFT_MODES = ("unfreeze", "joint")  # grow modes that train a phase-1 core: core_drift logged
@@ -40,9 +43,10 @@ DRIFT_MODES = ("unfreeze", "joint")  # grow modes that train a phase-1 core: cor
 class Trainable:
     """The model being trained, its EMA, its optimizer, and how it is wrapped (DDP/FSDP2)."""
 
-    def __init__(self, cfg: Config, env: Env, step: int, state: dict | None) -> None:
-        """`state`: the full training state to resume from at `step` > 0. Under FSDP2 only rank
-        0 has it (the others pass None) and every rank receives its shards by broadcast."""
+    def __init__(self, cfg: Config, env: Env, step: int, path: Path | None) -> None:
+        """`path`: the training state to resume from at `step` > 0 (state.py), of which every
+        rank reads its own shards; None for a fresh run. Its values other than the model, EMA
+        and optimizer tensors are left in `self.resumed`."""
         self.cfg, self.env = cfg, env
         self.core_cfg, self.shell_cfg = core_config(cfg), shell_config(cfg)
         self.fsdp = uses_fsdp(cfg.run.parallel, env)
@@ -65,17 +69,20 @@ class Trainable:
             weight_decay=cfg.optim.weight_decay,
             fused=True,  # one kernel for all parameters: 7× faster than the default on CPU
         )
-        if step > 0:
-            state = state or {"model": {}, "optimizer": {}, "ema": {}}  # FSDP2, rank > 0
-            options = FROM_RANK0 if self.fsdp else FULL
-            set_model_state_dict(self.model, state["model"], options=options)
-            set_optimizer_state_dict(
-                self.model, self.optimizer, state["optimizer"], options=options
+        self.resumed: dict = {}
+        if path is not None:
+            self.resumed = load_state(path, like=self.state())
+            set_state_dict(
+                self.model,
+                self.optimizer,
+                model_state_dict=self.resumed.pop("model"),
+                optim_state_dict=self.resumed.pop("optimizer"),
+                options=SHARDED,
             )
-            set_model_state_dict(self.ema, state["ema"], options=options)
+            set_model_state_dict(self.ema, self.resumed.pop("ema"), options=SHARDED)
+            profiles = self.resumed.pop("posthoc_ema", {})
             for sigma_rel, twin in zip(self.power.sigma_rels, self.profiles, strict=True):
-                saved = state.get("posthoc_ema", {}).get(f"{sigma_rel:g}", {})
-                set_model_state_dict(twin, saved, options=options)
+                set_model_state_dict(twin, profiles[f"{sigma_rel:g}"], options=SHARDED)
         self._wrap()
 
     def _build(self, step: int) -> UViT:
@@ -232,20 +239,33 @@ class Trainable:
         decay = self.cfg.optim.ema_decay
         return min(decay, (1 + step) / (10 + step)) if self.cfg.optim.ema_warmup else decay
 
-    def full_state(self) -> dict:
-        """Full (unsharded) CPU state dicts of model, EMA and optimizer; collective."""
-        model, optim = get_state_dict(self.model, self.optimizer, options=FULL)
+    def state(self) -> dict:
+        """The model, optimizer, EMA and post-hoc profiles as state dicts of this rank's tensors
+        (under FSDP2 its shards, as DTensors; nothing is gathered or copied): what state.py
+        saves, and fills in place on resume."""
+        model, optim = get_state_dict(self.model, self.optimizer, options=SHARDED)
         return {
             "model": model,
             "optimizer": optim,
-            "ema": get_model_state_dict(self.ema, options=FULL),
-            "posthoc_ema": self.profile_states(),
+            "ema": get_model_state_dict(self.ema, options=SHARDED),
+            "posthoc_ema": {
+                f"{s:g}": get_model_state_dict(twin, options=SHARDED)
+                for s, twin in zip(self.power.sigma_rels, self.profiles, strict=True)
+            },
+        }
+
+    def exports(self) -> dict[str, dict[str, Tensor]]:
+        """The EMA's and the raw weights by export name, as this rank's tensors (checkpoint.
+        export_model gathers shards one tensor at a time)."""
+        return {
+            "model": get_model_state_dict(self.ema, options=SHARDED),
+            "model-raw": get_model_state_dict(self.model, options=SHARDED),
         }
 
     def profile_states(self) -> dict[str, dict[str, Tensor]]:
-        """Full CPU state dicts of the post-hoc EMA profiles by f"{sigma_rel:g}"; collective."""
+        """The post-hoc EMA profiles' state dicts (this rank's tensors) by f"{sigma_rel:g}"."""
         return {
-            f"{s:g}": get_model_state_dict(twin, options=FULL)
+            f"{s:g}": get_model_state_dict(twin, options=SHARDED)
             for s, twin in zip(self.power.sigma_rels, self.profiles, strict=True)
         }
 
