@@ -5,7 +5,6 @@ Training states are state.py's."""
 from __future__ import annotations
 
 import json
-import logging
 import os
 import struct
 from collections.abc import Mapping
@@ -24,8 +23,6 @@ from greedygrow.atomic import (
 )
 from greedygrow.distributed import main_process
 from greedygrow.model import CoreConfig, ShellConfig, UViT
-
-log = logging.getLogger(__name__)
 
 META_KEY = "greedygrow"  # safetensors header key holding the JSON meta
 FORMAT_VERSION = 1
@@ -147,7 +144,7 @@ def write_safetensors(path: Path, state: Mapping[str, Tensor], metadata: dict[st
     gathered in turn and rank 0 writes it, so no rank holds more than one full tensor."""
     if main_process():
         atomic_write(path, lambda f: _write_streamed(f, state, metadata, path))
-    else:  # takes part in the gathers
+    elif any(hasattr(t, "full_tensor") for t in state.values()):  # takes part in the gathers
         with open(os.devnull, "wb") as sink:
             _write_streamed(sink, state, metadata, path)
     return path
