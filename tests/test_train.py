@@ -344,6 +344,27 @@ def test_extending_an_unfreeze_run_keeps_its_unfreeze_step(core_run, tmp_path, c
         _grow(core_run, run, "unfreeze", 8, cache, freeze=3, extra=cosine)  # an explicit change
 
 
+def test_a_greedy_run_goes_on_unfrozen_like_an_unfreeze_run_released_at_that_step(
+    unfreeze_run, core_run, tmp_path, cache, caplog
+):
+    extra = ["run.checkpoint_every=1", "run.keep=10"]
+    run, _ = _grow(core_run, tmp_path / "greedy", "greedy", 2, cache, extra=extra)
+    with pytest.raises(ConfigError, match=r"release the core at step 2 at the earliest"):
+        _grow(core_run, run, "unfreeze", 8, cache, freeze=1, extra=extra)  # default 8 // 4
+    with caplog.at_level(logging.INFO):
+        _grow(core_run, run, "unfreeze", 4, cache, extra=extra)  # released at 2 by default
+    assert "in unfreeze mode: the core trains from step 2" in caplog.text
+    cfg = load_config(run / "config.yaml")
+    assert (cfg.grow.mode, cfg.grow.freeze_steps) == ("unfreeze", 2)
+    assert _losses(run) == _losses(unfreeze_run)  # the reference: unfreeze, freeze_steps=2
+    assert _history(run)[2:] == _history(unfreeze_run)[2:]  # lr, grad_norm, core_drift
+    a, b = (
+        load_file(run / "model-raw.safetensors"),
+        load_file(unfreeze_run / "model-raw.safetensors"),
+    )
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_truncated_latest_checkpoint_falls_back_with_a_warning(tmp_path, cache, caplog):
     over = [*TINY, "run.steps=4", "run.checkpoint_every=2", "run.keep=3", cache]
     run = train(train_core_config(None, over), tmp_path / "run")

@@ -15,6 +15,7 @@ from PIL import Image
 
 from greedygrow.atomic import atomic_write, atomic_write_text
 from greedygrow.config import (
+    RESUMABLE_KEYS,
     Config,
     ConfigError,
     config_diff,
@@ -29,17 +30,25 @@ from greedygrow.diffusion import Schedule
 log = logging.getLogger(__name__)
 
 
-def check_resume(cfg: Config, run: Path) -> None:
-    """Refuse to resume a run folder whose config differs in a key that matters. The run's
-    unfreeze step is kept when the new one is only the default (a quarter of `run.steps`, which
-    may have grown), and stretching a cosine learning-rate schedule is warned about."""
+# keys a greedy run may change when it goes on in unfreeze mode (`_continue_unfrozen`)
+UNFROZEN_KEYS = frozenset({"grow.mode", "grow.freeze_steps", "optim.core_lr_multiplier"})
+
+
+def check_resume(cfg: Config, run: Path, step: int = 0) -> None:
+    """Refuse to resume a run folder, from its state at `step`, whose config differs in a key
+    that matters. The run's unfreeze step is kept when the new one is only the default (a
+    quarter of `run.steps`, which may have grown), a greedy run may go on unfrozen, and
+    stretching a cosine learning-rate schedule is warned about."""
     path = run / "config.yaml"
     if not path.is_file():
         return
     old = resolve(load_config(path))  # a key added since fills in as it was then
     grow = cfg.grow
     default = grow.freeze_steps == default_freeze_steps(grow.mode, cfg.run.steps)
-    if cfg.phase == "grow" and default and grow.freeze_steps != old.grow.freeze_steps:
+    unfrozen = old.grow.mode == "greedy" and grow.mode == "unfreeze"
+    if unfrozen:
+        _continue_unfrozen(cfg, step, default)
+    elif cfg.phase == "grow" and default and grow.freeze_steps != old.grow.freeze_steps:
         log.info(
             "keeping grow.freeze_steps=%s of the run as first written (the default, a quarter "
             "of run.steps, is fixed when a run starts)",
@@ -53,7 +62,7 @@ def check_resume(cfg: Config, run: Path) -> None:
             old.run.steps,
             cfg.run.steps,
         )
-    diff = config_diff(old, cfg)
+    diff = config_diff(old, cfg, RESUMABLE_KEYS | UNFROZEN_KEYS if unfrozen else RESUMABLE_KEYS)
     if diff:
         raise ConfigError(
             f"{run} holds a run with another config; differing keys:\n  "
@@ -61,6 +70,28 @@ def check_resume(cfg: Config, run: Path) -> None:
             + "\nUse another --out folder, or the same settings to resume it."
         )
     _check_architecture(cfg, run)
+
+
+def _continue_unfrozen(cfg: Config, step: int, default: bool) -> None:
+    """Let a greedy run go on in unfreeze mode. Its `step` steps are those an unfreeze run
+    trains before releasing its core (shell only, `optim.core_lr_multiplier` unused), so they
+    stand if the core is released at `step` or later; by default it is released at `step`."""
+    grow = cfg.grow
+    if default:
+        grow.freeze_steps = step
+    if grow.freeze_steps < step:
+        raise ConfigError(
+            f"grow.freeze_steps={grow.freeze_steps}: this greedy run kept its core frozen "
+            f"for {step} steps, so an unfreeze run going on from it can release the core at "
+            f"step {step} at the earliest; give grow.freeze_steps >= {step} (or leave it out)"
+        )
+    log.info(
+        "going on from the greedy run's step %d in unfreeze mode: the core trains from step %d "
+        "at optim.lr x %g",
+        step,
+        grow.freeze_steps,
+        cfg.optim.core_lr_multiplier,
+    )
 
 
 def _check_architecture(cfg: Config, run: Path) -> None:

@@ -78,9 +78,9 @@ def train(cfg: Config, out: str | Path) -> Path:
             dist.destroy_process_group()
 
 
-def _setup(cfg: Config, run: Path, env: Env) -> None:
-    """Refuse what cannot resume or split, before any work; set the numeric modes."""
-    check_resume(cfg, run)
+def _setup(cfg: Config, run: Path, env: Env, step: int) -> None:
+    """Refuse what cannot resume from `step` or split, before any work; set the numeric modes."""
+    check_resume(cfg, run, step)
     if cfg.run.batch_size % env.world:
         raise ConfigError(
             f"run.batch_size={cfg.run.batch_size} (global) is not divisible by the "
@@ -96,10 +96,10 @@ def _setup(cfg: Config, run: Path, env: Env) -> None:
 
 
 def _train(cfg: Config, run: Path, env: Env, preemption: Preemption) -> None:
-    _setup(cfg, run, env)
-    schedule = schedule_for(cfg.model.resolution, cfg.diffusion.schedule)
     # rank 0 picks the state (warning about damaged ones); every rank reads its own shards
     step, path = broadcast(latest_state(run) if env.main else None, env) or (0, None)
+    _setup(cfg, run, env, step)
+    schedule = schedule_for(cfg.model.resolution, cfg.diffusion.schedule)
     if step >= cfg.run.steps:  # rerunning a finished recipe costs nothing (no data, no model)
         if env.main:
             log.info("%s is trained to step %d; raise run.steps to go on", run, step)
