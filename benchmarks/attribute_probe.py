@@ -22,7 +22,7 @@ from greedygrow.data.transforms import to_tensor
 from greedygrow.diffusion import add_noise, alpha_sigma, eps_from_v, x_from_v
 from greedygrow.evaluate.alignment import detect
 from greedygrow.sample import load_for_sampling, to_uint8
-from greedygrow.sampling import logsnr_grid, native_bf16
+from greedygrow.sampling import guided, logsnr_grid, native_bf16, uvit_denoiser
 from greedygrow.shipped import resolve_model
 
 ATTRIBUTES = ("striped", "dotted", "outlined")
@@ -40,6 +40,7 @@ def found(x: torch.Tensor, cases: list[tuple[str, str, str]]) -> dict[str, float
     return {a: sum(h) / len(h) for a, h in hits.items()}
 
 
+@torch.inference_mode()
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="run folder or shipped model name")
@@ -56,17 +57,9 @@ def main() -> None:
     x = torch.stack([to_tensor(render(sc, res)) for sc in scenes])
     n = len(x)
     text = encoder.encode([sc.caption for sc in scenes])
-    tokens, mask, pooled = (torch.cat([t, t]) for t in (text.tokens, text.mask, text.pooled))
-    drop = torch.arange(2 * n) >= n  # [cond; uncond]
-    autocast = native_bf16("cpu")
+    denoise = uvit_denoiser(model, text.tokens, text.mask, text.pooled)
+    v_hat = guided(denoise, args.guidance, None, torch.device("cpu"), native_bf16("cpu"))
     print(f"{args.model}: {n} images at {res} px; fraction with the attribute found")
-
-    @torch.no_grad()
-    def v_hat(z: torch.Tensor, lam: float) -> torch.Tensor:
-        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
-            v = model(torch.cat([z, z]), torch.full((2 * n,), lam), tokens, mask, pooled, drop)
-        cond, uncond = v.float().chunk(2)
-        return uncond + args.guidance * (cond - uncond)  # CFG (Ho & Salimans 2022)
 
     print("clean renders:", found(x, cases))
     print("denoise: x̂ of one call at λ")

@@ -101,7 +101,7 @@ def _check(
     return seeds
 
 
-def _guided(
+def guided(
     denoise: Denoiser,
     w: float,
     interval: tuple[float, float] | None,
@@ -163,7 +163,7 @@ def sample(
     shape = tuple(int(s) for s in shape)
     seeds = _check(shape, sampler, steps, seeds, guidance_interval)
     device = torch.device(device)
-    v_hat = _guided(denoise, float(guidance), guidance_interval, device, autocast)
+    v_hat = guided(denoise, float(guidance), guidance_interval, device, autocast)
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     z = _noise(generators, shape[1:], device)
     lams = logsnr_grid(schedule, steps)
